@@ -1,0 +1,39 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_LLAMA_31 = dict(
+    hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=300, max_position_embeddings=256, rope_theta=500000.0, rms_norm_eps=1e-5,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32},
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+
+
+def make_hf_checkpoint(out_dir: Path, seed: int = 0, max_shard_size: str = "60KB", **overrides) -> Path:
+    """A random-weight transformers LlamaForCausalLM saved as (sharded) safetensors in `out_dir`."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA_31, **overrides})
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():  # the default init leaves norms at one; random norms make the test stricter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def read_index(path: Path) -> dict:
+    return json.loads((path / "model.safetensors.index.json").read_text())
