@@ -37,3 +37,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def read_index(path: Path) -> dict:
     return json.loads((path / "model.safetensors.index.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
