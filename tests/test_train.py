@@ -1,0 +1,166 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import run
+import train.loop
+import train.step
+from conftest import REPO, make_hf_checkpoint
+from data.errors import UserError
+from data.synthetic import generate
+from lora import apply_lora
+from model import load_llama
+from train.objective import label_logits, loss_sum
+
+
+def llama3_tokenizer_file() -> Path:
+    llama_models = pytest.importorskip("llama_models")
+    files = sorted(Path(llama_models.__file__).parent.rglob("tokenizer.model"))
+    if not files:
+        pytest.skip("llama_models ships no tokenizer.model")
+    return files[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3(tmp_path_factory) -> Path:
+    """A random two-block Llama with the real Llama-3 vocabulary and tokenizer."""
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("tiny_llama3"), vocab_size=128256, bos_token_id=128000,
+                              eos_token_id=128001, max_shard_size="20MB")
+    shutil.copy(llama3_tokenizer_file(), path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tables")
+    train_rows = generate(48, seed=1)[["question", "answer", "solution", "is_correct"]]
+    test_rows = generate(13, seed=2).drop(columns=["is_correct"])
+    test_rows.insert(0, "ID", [f"row-{i}" for i in reversed(range(len(test_rows)))])
+    train_rows.to_csv(folder / "train.csv", index=False)
+    test_rows[["ID", "question", "answer", "solution"]].to_csv(folder / "test.csv", index=False)
+    return folder / "train.csv", folder / "test.csv"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str):
+    return run.parse_args(["train", "--model", str(model), "--data", str(data), "--out", str(out),
+                           "--rank", "4", "--alpha", "8", "--batch-size", "4", "--grad-accum", "2",
+                           "--max-steps", "6", "--warmup-steps", "2", "--val-size", "8", "--eval-every", "3",
+                           "--max-len", "256", "--lr", "1e-3", "--lora-dropout", "0.1", *extra])
+
+
+def test_two_class_loss_is_the_full_vocabulary_loss_restricted_to_the_label_tokens(tiny_checkpoint):
+    model = load_llama(tiny_checkpoint, dtype=torch.float32)
+    tokens, lengths = torch.randint(0, 300, (3, 9)), torch.tensor([9, 4, 6])
+    labels, label_ids = torch.tensor([1, 0, 1]), torch.tensor([17, 42])
+    with torch.no_grad():
+        full = model(tokens)[torch.arange(3), lengths - 1]
+        expected = F.cross_entropy(full[:, label_ids], labels, reduction="sum")
+        torch.testing.assert_close(label_logits(model, tokens, lengths, label_ids), full[:, label_ids])
+        torch.testing.assert_close(loss_sum(model, tokens, lengths, labels, label_ids), expected)
+        lm = F.cross_entropy(full, label_ids[labels], reduction="sum")
+        torch.testing.assert_close(loss_sum(model, tokens, lengths, labels, label_ids, kind="lm"), lm)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny_checkpoint):
+    model = apply_lora(load_llama(tiny_checkpoint, dtype=torch.float32), 4, 8, verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lengths = torch.tensor([12, 5, 9, 12, 3, 7])
+    tokens = torch.randint(0, 300, (6, 12)) * (torch.arange(12) < lengths[:, None])  # right-padded with 0
+    labels, label_ids = torch.tensor([1, 0, 0, 1, 1, 0]), torch.tensor([5, 6])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    (loss_sum(model, tokens, lengths, labels, label_ids) / 6).backward()
+    one_batch = [p.grad.clone() for p in params]
+    model.zero_grad()
+    for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        width = int(lengths[rows].max())
+        (loss_sum(model, tokens[rows, :width], lengths[rows], labels[rows], label_ids) / 6).backward()
+    for accumulated, expected in zip((p.grad for p in params), one_batch):
+        torch.testing.assert_close(accumulated, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_train_then_infer_end_to_end(tiny_llama3, tables, tmp_path):
+    train_csv, test_csv = tables
+    run_dir = train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "run"))
+    for name in ("config.json", "metrics.jsonl", "summary.json", "training.png", "adapter/adapter_model.safetensors",
+                 "adapter_best/adapter_config.json", "checkpoint/state.pt"):
+        assert (run_dir / name).exists(), name
+    out = tmp_path / "sub" / "submission.csv"
+    assert run.main(["infer", "--run", str(run_dir), "--data", str(test_csv), "--out", str(out)]) == 0
+    submission, test = pd.read_csv(out, dtype=str), pd.read_csv(test_csv, dtype=str)
+    assert list(submission.columns) == ["ID", "is_correct"]
+    assert submission["ID"].tolist() == test["ID"].tolist()
+    assert set(submission["is_correct"]) <= {"True", "False"}
+    p_true = pd.read_csv(out.with_name("submission_p_true.csv"))
+    assert p_true["p_true"].between(0, 1).all() and len(p_true) == len(test)
+
+
+def test_resume_after_interrupt_ends_with_the_same_adapter(tiny_llama3, tables, tmp_path, monkeypatch):
+    train_csv, _ = tables
+    straight = train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "straight"))
+
+    real_lr_at = train.loop.lr_at
+
+    def interrupt_at_step_4(step, *rest):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *rest)
+
+    monkeypatch.setattr(train.loop, "lr_at", interrupt_at_step_4)
+    with pytest.raises(UserError, match="interrupted at step 4; checkpoint saved"):
+        train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "resumed"))
+    monkeypatch.setattr(train.loop, "lr_at", real_lr_at)
+    resumed = train.loop.train(run.parse_args(["train", "--resume", str(tmp_path / "resumed")]))
+
+    expected = load_file(straight / "adapter" / "adapter_model.safetensors")
+    got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_llama3, tables, tmp_path, monkeypatch):
+    train_csv, _ = tables
+    real_loss_sum = train.step.loss_sum
+    calls = []
+
+    def nan_from_step_5(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss_sum(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 8 else loss  # two micro-batches a step
+
+    monkeypatch.setattr(train.step, "loss_sum", nan_from_step_5)
+    with pytest.raises(UserError, match=r"loss became nan at step 5; the last good checkpoint is in .*checkpoint"):
+        train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoint" / "state.pt").is_file()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rank", "0"], "argument --rank: must be positive, got 0"),
+    (["--lr=-1e-4"], "argument --lr: must be positive, got -1e-4"),
+    (["--batch-size", "two"], "argument --batch-size: 'two' is not a int"),
+    (["--alpha", "0"], "argument --alpha: must be positive, got 0"),
+    (["--template", "no-such-template"], "no-such-template"),
+    (["--data", "missing.csv"], "missing.csv"),
+])
+def test_bad_flags_get_one_line_and_exit_2(flags, message, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "train", *flags], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={"LLAMA_JUDGE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr

@@ -1,0 +1,82 @@
+"""Scoring a test table with a trained run: submission.csv (ID,is_correct) and P(True) per row."""
+import json
+import os
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from data import get_template, read_table, table_labels, tokenize_table
+from data.errors import UserError
+from lora import load_adapter
+from model.default import cache_dir
+from train.loop import DEFAULT_DATA_DIR, load_base, pick_device, write_json
+from train.metrics import binary_metrics
+from train.predict import predict_p_true
+
+
+def newest_run(runs_dir: Path = Path("runs")) -> Path:
+    runs = sorted(p.parent for p in runs_dir.glob("*/adapter/adapter_config.json"))
+    if not runs:
+        raise UserError(f"no trained run with an adapter under {runs_dir}/; train one first or pass --run")
+    return max(runs, key=lambda p: (p / "adapter").stat().st_mtime)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_label_file(path: Path, ids: pd.Series) -> np.ndarray:
+    """Labels by ID from a separate ID,is_correct table, in the order of `ids`."""
+    labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in ("ID", "is_correct"):
+        if column not in labels.columns:
+            raise UserError(f"{path}: column {column} missing")
+    by_id = dict(zip(labels["ID"], labels["is_correct"].str.lower().map({"true": 1, "false": 0, "1": 1, "0": 0})))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise UserError(f"{path}: no label for ID {missing[0]} ({len(missing)} IDs without a label)")
+    values = np.array([by_id[i] for i in ids], dtype=float)
+    if np.isnan(values).any():
+        raise UserError(f"{path}: column is_correct has a value that is not True/False/1/0")
+    return values.astype(np.int64)
+
+
+def infer(args: Namespace) -> Path:
+    run_dir = Path(args.run) if args.run else newest_run()
+    adapter_dir = run_dir / ("adapter_best" if args.best else "adapter")
+    if not (run_dir / "config.json").is_file() or not adapter_dir.is_dir():
+        raise UserError(f"--run {run_dir}: not a finished run (needs config.json and {adapter_dir.name}/)")
+    flags = Namespace(**json.loads((run_dir / "config.json").read_text()))
+    if args.model:
+        flags.model = args.model
+    if args.data:
+        data_path, labels_path = Path(args.data), Path(args.labels) if args.labels else None
+    else:
+        data_path, labels_path = DEFAULT_DATA_DIR / "test.csv", Path(args.labels or DEFAULT_DATA_DIR / "test_labels.csv")
+
+    template = get_template(flags.template)
+    df = read_table(data_path, split="test", template=template, skip_bad_rows=args.skip_bad_rows)
+    setup = load_base(flags, pick_device(), template)
+    table = tokenize_table(df, setup.tokenizer, template, flags.max_len, cache_dir=cache_dir() / "tokens")
+    model = load_adapter(setup.model, adapter_dir)
+    with tqdm(total=len(table), desc="infer", unit="row", dynamic_ncols=True) as bar:
+        p_true = predict_p_true(model, table, setup.label_ids, setup.tokenizer.pad_id, args.batch_tokens,
+                                setup.device, progress=bar)
+
+    out = Path(args.out)
+    write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": p_true >= 0.5}), out)
+    write_csv(pd.DataFrame({"ID": df["ID"], "p_true": p_true}), out.with_name(f"{out.stem}_p_true.csv"))
+    print(f"{out}: {len(df)} predictions from {adapter_dir} ({int((p_true >= 0.5).sum())} True)")
+
+    labels = read_label_file(labels_path, df["ID"]) if labels_path else table_labels(df)
+    if labels is not None:
+        metrics = binary_metrics(p_true, labels)
+        write_json(out.with_name(f"{out.stem}_metrics.json"), metrics)
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return out

@@ -1,0 +1,34 @@
+"""Scoring a tokenized table: one forward pass per token-budget batch, no generation."""
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from data import Tokenized, budget_batches, collate
+from train.objective import label_logits
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_p_true(model: nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int,
+                   max_batch_tokens: int, device: torch.device, progress=None) -> np.ndarray:
+    """P(True) for every row of `table`, in the table's order."""
+    was_training = model.training
+    model.eval()
+    p_true = np.empty(len(table), dtype=np.float32)
+    for indices in budget_batches(table.lengths, max_batch_tokens):
+        tokens, lengths, _ = collate(table, indices, pad_id)
+        with autocast(device):
+            logits = label_logits(model, tokens.to(device), lengths.to(device), label_ids)
+        p_true[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+        if progress is not None:
+            progress.update(len(indices))
+    model.train(was_training)
+    return p_true
