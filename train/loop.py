@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from data import (Template, Tokenized, collate, get_template, label_token_ids, read_table, split_train_val,
+from data import (Template, collate, get_template, label_token_ids, read_table, split_train_val,
                   table_labels, tokenize_table, train_batch_order)
 from data.errors import UserError
 from lora import apply_lora, save_adapter
