@@ -64,7 +64,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--quant", choices=("nf4", "none"), help="base weights: nf4 (default on CUDA) or none (CPU)")
     tr.add_argument("--loss", choices=("classifier", "lm"), default="classifier",
                     help="two-class loss on the label tokens, or the full-vocabulary LM loss")
-    tr.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in the backward pass")
+    tr.add_argument("--grad-checkpoint", nargs="?", const=True, default=False, type=positive(int), metavar="N",
+                    help="recompute blocks in the backward pass to save memory: all of them, or the first N")
     tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
     tr.add_argument("--eval-batch-tokens", type=positive(int), default=32768, help="token budget of an eval batch")
     tr.add_argument("--seed", type=int, default=0, help="fixes data order, split, LoRA init and dropout")

@@ -115,14 +115,15 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self.grad_checkpoint = False
+        self.grad_checkpoint: bool | int = False  # True: recompute every block in backward; N: the first N
 
     def hidden_states(self, tokens: Tensor) -> Tensor:
         """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]."""
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, tokens.shape[1], x.dtype)
-        for block in self.model.layers:
-            if self.grad_checkpoint and torch.is_grad_enabled():
+        n_recomputed = len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint)
+        for i, block in enumerate(self.model.layers):
+            if i < n_recomputed and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
