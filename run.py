@@ -66,6 +66,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                     help="two-class loss on the label tokens, or the full-vocabulary LM loss")
     tr.add_argument("--grad-checkpoint", nargs="?", const=True, default=False, type=positive(int), metavar="N",
                     help="recompute blocks in the backward pass to save memory: all of them, or the first N")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the blocks (pays off for small models on a GPU)")
     tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
     tr.add_argument("--eval-batch-tokens", type=positive(int), default=32768, help="token budget of an eval batch")
     tr.add_argument("--seed", type=int, default=0, help="fixes data order, split, LoRA init and dropout")

@@ -46,9 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -116,6 +114,11 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.grad_checkpoint: bool | int = False  # True: recompute every block in backward; N: the first N
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU."""
+        for block in self.model.layers:
+            block.compile(dynamic=True)
 
     def hidden_states(self, tokens: Tensor) -> Tensor:
         """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]."""

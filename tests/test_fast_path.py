@@ -19,8 +19,10 @@ def loss_and_grads(model, tokens, lengths, labels, label_ids):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("recompute", [True, 1])
+@pytest.mark.parametrize("recompute", [True, 1, "compile"])
 def test_recomputation_keeps_loss_and_gradients(tiny_checkpoint, device, recompute):
+    if recompute == "compile" and device == "cpu":
+        pytest.skip("compilation is a GPU lever; inductor's CPU build takes a minute of CI time")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = apply_lora(load_llama(tiny_checkpoint, dtype=dtype, device=device), 8, 16, verbose=False)
     with torch.no_grad():
@@ -31,9 +33,13 @@ def test_recomputation_keeps_loss_and_gradients(tiny_checkpoint, device, recompu
     labels, label_ids = torch.tensor([1, 0, 1], device=device), torch.tensor([3, 4], device=device)
 
     plain_loss, plain_grads = loss_and_grads(model, tokens, lengths, labels, label_ids)
-    model.grad_checkpoint = recompute
+    if recompute == "compile":
+        model.compile_blocks()
+    else:
+        model.grad_checkpoint = recompute
     fast_loss, fast_grads = loss_and_grads(model, tokens, lengths, labels, label_ids)
-    assert torch.equal(plain_loss, fast_loss)
+    # Compiled kernels fuse and reorder float operations: equal to rounding, not to the bit.
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5 if recompute != "compile" else 1e-2, atol=0)
     # On the GPU, flash attention's backward accumulates in a run-dependent order: bf16-level agreement.
     rtol, atol = (1e-5, 1e-7) if device == "cpu" else (2e-2, 1e-3)
     for plain, fast in zip(plain_grads, fast_grads):

@@ -126,6 +126,8 @@ def train(args: Namespace) -> Path:
 
     model = apply_lora(setup.model, args.rank, args.alpha, dropout=args.lora_dropout)
     model.grad_checkpoint = args.grad_checkpoint
+    if args.compile:
+        model.compile_blocks()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
