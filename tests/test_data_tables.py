@@ -1,0 +1,227 @@
+"""read_table: every kind of bad input gets its one-line message naming file, row and column, and the file
+is never changed."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data import UserError, get_template, read_table, table_labels
+
+TRAIN = "question,answer,solution,is_correct\nWhat is 2+3?,5,2+3=5,True\nWhat is 2*3?,5,2*3=5,False\n"
+TEST = "ID,question,answer,solution\n7,What is 2+3?,5,2+3=5\n8,What is 2*3?,5,2*3=5\n"
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_bytes(text.encode())
+    return path
+
+
+def rejects(path: Path, message: str, **kwargs) -> None:
+    """read_table raises exactly `message` (one line) and leaves the file and its folder as they were."""
+    before = path.read_bytes() if path.exists() else None
+    listing = sorted(path.parent.iterdir())
+    with pytest.raises(UserError) as raised:
+        read_table(path, **kwargs)
+    assert str(raised.value) == message
+    assert "\n" not in str(raised.value)
+    assert (path.read_bytes() if path.exists() else None) == before
+    assert sorted(path.parent.iterdir()) == listing
+
+
+def test_file_not_found(tmp_path):
+    rejects(tmp_path / "train.csv", f"{tmp_path / 'train.csv'}: file not found")
+
+
+def test_empty_file(tmp_path):
+    path = write(tmp_path, "train.csv", "")
+    rejects(path, f"{path}: file is empty")
+
+
+def test_blank_lines_only_is_empty(tmp_path):
+    path = write(tmp_path, "train.csv", "\n\n")
+    rejects(path, f"{path}: file is empty")
+
+
+def test_header_only(tmp_path):
+    path = write(tmp_path, "train.csv", "question,answer,solution,is_correct\n")
+    rejects(path, f"{path}: has a header but no data rows")
+
+
+def test_missing_label_column(tmp_path):
+    path = write(tmp_path, "train.csv", "question,answer,solution\nq,1,s\n")
+    rejects(
+        path,
+        f"{path}: column 'is_correct' is missing; a train table for template 'with_solution' needs "
+        "question, answer, solution, is_correct (found: question, answer, solution)",
+    )
+
+
+def test_missing_solution_column_depends_on_template(tmp_path):
+    path = write(tmp_path, "train.csv", "question,answer,is_correct\nq,1,True\n")
+    rejects(
+        path,
+        f"{path}: column 'solution' is missing; a train table for template 'with_solution' needs "
+        "question, answer, solution, is_correct (found: question, answer, is_correct)",
+    )
+    assert len(read_table(path, template=get_template("original"))) == 1
+
+
+def test_missing_id_column_in_test_table(tmp_path):
+    path = write(tmp_path, "test.csv", "question,answer,solution\nq,1,s\n")
+    rejects(
+        path,
+        f"{path}: column 'ID' is missing; a test table for template 'with_solution' needs "
+        "ID, question, answer, solution (found: question, answer, solution)",
+        split="test",
+    )
+
+
+def test_label_that_is_not_boolean(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + "q,1,s,maybe\n")
+    rejects(
+        path,
+        f"{path}: row 3, column 'is_correct': 'maybe' is not a boolean (use True/False, true/false, 1/0 or yes/no)",
+    )
+
+
+def test_empty_label(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + "q,1,s,\n")
+    rejects(
+        path, f"{path}: row 3, column 'is_correct': '' is not a boolean (use True/False, true/false, 1/0 or yes/no)"
+    )
+
+
+def test_boolean_spellings(tmp_path):
+    values = ["True", "False", "true", "false", "1", "0", "yes", "no", "TRUE", " No "]
+    rows = "".join(f"q{i},1,s,{v}\n" for i, v in enumerate(values))
+    df = read_table(write(tmp_path, "train.csv", "question,answer,solution,is_correct\n" + rows))
+    assert df["is_correct"].tolist() == [True, False, True, False, True, False, True, False, True, False]
+    assert table_labels(df).tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+
+
+def test_empty_question(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + ",1,s,True\n")
+    rejects(path, f"{path}: row 3, column 'question': is empty")
+
+
+def test_blank_answer(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + 'q,"  ",s,True\n')
+    rejects(path, f"{path}: row 3, column 'answer': is empty")
+
+
+def test_empty_solution_only_where_the_template_uses_it(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + "q,1,,True\n")
+    rejects(path, f"{path}: row 3, column 'solution': is empty (the template uses the solution)")
+    assert read_table(path, template=get_template("original"))["solution"].tolist() == ["2+3=5", "2*3=5", ""]
+
+
+def test_null_answer_in_json_lines(tmp_path):
+    rows = [{"question": "q", "answer": 4, "solution": "s", "is_correct": True}, {"question": "q", "answer": None}]
+    path = write(tmp_path, "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    rejects(path, f"{path}: row 2, column 'answer': is empty")
+
+
+def test_nan_in_parquet(tmp_path):
+    path = tmp_path / "train.parquet"
+    columns = {"question": ["q", "q"], "answer": [1.5, np.nan], "solution": ["s", "s"], "is_correct": [1, 0]}
+    pd.DataFrame(columns).to_parquet(path)
+    rejects(path, f"{path}: row 2, column 'answer': is empty")
+
+
+def test_duplicate_ids_in_test_table(tmp_path):
+    path = write(tmp_path, "test.csv", TEST + "9,q,1,s\n7,q,2,s\n")
+    rejects(path, f"{path}: row 4, column 'ID': duplicate ID '7' (first at row 1)", split="test")
+
+
+def test_empty_id_in_test_table(tmp_path):
+    path = write(tmp_path, "test.csv", TEST + ",q,1,s\n")
+    rejects(path, f"{path}: row 3, column 'ID': ID is empty", split="test")
+
+
+def test_first_bad_row_in_file_order_is_named(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + "q,1,s,maybe\n,1,s,True\n")
+    rejects(
+        path,
+        f"{path}: row 3, column 'is_correct': 'maybe' is not a boolean (use True/False, true/false, 1/0 or yes/no)",
+    )
+
+
+def test_malformed_csv(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + "q,1,s,True,extra\n")
+    rejects(
+        path, f"{path}: cannot be read as CSV: Error tokenizing data. C error: Expected 4 fields in line 4, saw 5"
+    )
+
+
+def test_invalid_json_line(tmp_path):
+    path = write(tmp_path, "train.jsonl", '{"question": "q"}\n{"question": \n')
+    rejects(path, f"{path}: line 2: not valid JSON (Expecting value)")
+
+
+def test_unknown_format(tmp_path):
+    path = write(tmp_path, "train.xlsx", "x")
+    rejects(path, f"{path}: unknown table format '.xlsx' (use .csv, .tsv, .jsonl, .parquet)")
+
+
+def test_skip_bad_rows_reports_how_many_and_which(tmp_path, capsys):
+    path = write(tmp_path, "train.csv", TRAIN + "q,1,s,maybe\nq,2,s,no\n,1,s,True\n")
+    before = path.read_bytes()
+    df = read_table(path, skip_bad_rows=True)
+    assert df.index.tolist() == [1, 2, 4]
+    assert df["answer"].tolist() == ["5", "5", "2"]
+    assert df.attrs["skipped"] == [
+        "row 3 'is_correct': 'maybe' is not a boolean (use True/False, true/false, 1/0 or yes/no)",
+        "row 5 'question': is empty",
+    ]
+    assert f"{path}: skipped 2 bad rows of 5: row 3 'is_correct'" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_skip_bad_rows_when_every_row_is_bad(tmp_path):
+    path = write(tmp_path, "train.csv", "question,answer,solution,is_correct\nq,1,s,x\n")
+    rejects(
+        path,
+        f"{path}: every row is bad (row 1, column 'is_correct': 'x' is not a boolean "
+        "(use True/False, true/false, 1/0 or yes/no))",
+        skip_bad_rows=True,
+    )
+
+
+def test_cells_are_text_exactly_as_written(tmp_path):
+    path = write(tmp_path, "train.csv", "question,answer,solution,is_correct\nq,0.50,s,1\nNA,NaN,None,0\nq,007,s,1\n")
+    df = read_table(path)
+    assert df["answer"].tolist() == ["0.50", "NaN", "007"]
+    assert df["question"].tolist() == ["q", "NA", "q"]
+    assert df["solution"].tolist() == ["s", "None", "s"]
+
+
+def test_test_table_labels_used_only_when_all_valid(tmp_path):
+    header = "ID,question,answer,solution,is_correct\n"
+    placeholder = read_table(write(tmp_path, "a.csv", header + "1,q,1,s,?\n2,q,1,s,True\n"), split="test")
+    assert table_labels(placeholder) is None
+    assert placeholder["is_correct"].tolist() == ["?", "True"]
+    valid = read_table(write(tmp_path, "b.csv", header + "1,q,1,s,no\n2,q,1,s,True\n"), split="test")
+    assert table_labels(valid).tolist() == [0, 1]
+    assert table_labels(read_table(write(tmp_path, "c.csv", TEST), split="test")) is None
+
+
+def test_formats_read_alike(tmp_path):
+    csv = read_table(write(tmp_path, "train.csv", TRAIN))
+    tsv = read_table(write(tmp_path, "train.tsv", TRAIN.replace(",", "\t")))
+    records = [{"question": q, "answer": int(a), "solution": s, "is_correct": l == "True"}
+               for q, a, s, l in (line.split(",") for line in TRAIN.splitlines()[1:])]
+    jsonl = read_table(write(tmp_path, "train.jsonl", "\n".join(json.dumps(r) for r in records) + "\n\n"))
+    pd.DataFrame(records).to_parquet(tmp_path / "train.parquet")
+    parquet = read_table(tmp_path / "train.parquet")
+    for other in (tsv, jsonl, parquet):
+        pd.testing.assert_frame_equal(other, csv, check_dtype=False, check_index_type=False)
+    assert csv.attrs["source"] == str(tmp_path / "train.csv")
+
+
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + TRAIN.encode())
+    assert read_table(path).columns.tolist() == ["question", "answer", "solution", "is_correct"]
