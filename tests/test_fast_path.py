@@ -1,4 +1,8 @@
-"""The speed levers (recomputation, 4-bit base on the GPU) keep the loss and the LoRA gradients of the plain path."""
+"""The speed levers (recomputation, compiled blocks) keep the loss and the LoRA gradients of the plain path.
+
+On the CPU everything runs in float32 and the fast path must match the plain one to rounding. On the GPU both
+run in bf16, where any reordering of float operations shows; there the fast path's distance from the float32
+truth must stay within that of the plain bf16 path."""
 import pytest
 import torch
 
@@ -10,37 +14,38 @@ from train.predict import autocast
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def loss_and_grads(model, tokens, lengths, labels, label_ids):
-    model.zero_grad(set_to_none=True)
-    with autocast(tokens.device):
+def loss_and_grads(checkpoint, device, dtype, fast_path=None):
+    model = apply_lora(load_llama(checkpoint, dtype=dtype, device=device), 8, 16, verbose=False)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    if fast_path == "compile":
+        model.compile_blocks()
+    elif fast_path is not None:
+        model.grad_checkpoint = fast_path
+    lengths = torch.tensor([14, 9, 3], device=device)
+    tokens = torch.randint(0, 300, (3, 14), generator=generator).to(device)
+    tokens = tokens * (torch.arange(14, device=device) < lengths[:, None])
+    labels, label_ids = torch.tensor([1, 0, 1], device=device), torch.tensor([3, 4], device=device)
+    with autocast(torch.device(device)) if dtype != torch.float32 else torch.autocast("cpu", enabled=False):
         loss = loss_sum(model, tokens, lengths, labels, label_ids)
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return loss.detach().float().cpu(), torch.cat([p.grad.float().flatten().cpu() for p in model.parameters()
+                                                   if p.requires_grad])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("recompute", [True, 1, "compile"])
-def test_recomputation_keeps_loss_and_gradients(tiny_checkpoint, device, recompute):
-    if recompute == "compile" and device == "cpu":
+@pytest.mark.parametrize("fast_path", [True, 1, "compile"])
+def test_fast_path_keeps_loss_and_gradients(tiny_checkpoint, device, fast_path):
+    if fast_path == "compile" and device == "cpu":
         pytest.skip("compilation is a GPU lever; inductor's CPU build takes a minute of CI time")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = apply_lora(load_llama(tiny_checkpoint, dtype=dtype, device=device), 8, 16, verbose=False)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.05)
-    lengths = torch.tensor([14, 9, 3], device=device)
-    tokens = torch.randint(0, 300, (3, 14), device=device) * (torch.arange(14, device=device) < lengths[:, None])
-    labels, label_ids = torch.tensor([1, 0, 1], device=device), torch.tensor([3, 4], device=device)
-
-    plain_loss, plain_grads = loss_and_grads(model, tokens, lengths, labels, label_ids)
-    if recompute == "compile":
-        model.compile_blocks()
-    else:
-        model.grad_checkpoint = recompute
-    fast_loss, fast_grads = loss_and_grads(model, tokens, lengths, labels, label_ids)
-    # Compiled kernels fuse and reorder float operations: equal to rounding, not to the bit.
-    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5 if recompute != "compile" else 1e-2, atol=0)
-    # On the GPU, flash attention's backward accumulates in a run-dependent order: bf16-level agreement.
-    rtol, atol = (1e-5, 1e-7) if device == "cpu" else (2e-2, 1e-3)
-    for plain, fast in zip(plain_grads, fast_grads):
-        torch.testing.assert_close(fast, plain, rtol=rtol, atol=atol * plain.abs().max().item())
+    truth_loss, truth_grads = loss_and_grads(tiny_checkpoint, device, torch.float32)
+    plain_loss, plain_grads = loss_and_grads(tiny_checkpoint, device, dtype)
+    fast_loss, fast_grads = loss_and_grads(tiny_checkpoint, device, dtype, fast_path)
+    scale = truth_grads.abs().max()
+    plain_error = (plain_grads - truth_grads).abs().max()
+    assert (fast_grads - truth_grads).abs().max() <= 1.5 * plain_error + 1e-6 * scale
+    assert (fast_loss - truth_loss).abs() <= 1.5 * (plain_loss - truth_loss).abs() + 1e-6 * truth_loss.abs()

@@ -119,17 +119,24 @@ def test_damaged_shard(tiny_checkpoint, tmp_path, damage):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_8b_shape_bf16_matches_transformers_on_gpu():
-    """Random weights of the real Llama-3.1-8B shape, bf16 on the GPU, against transformers' bf16 forward."""
+    """Random weights of the real Llama-3.1-8B shape on the GPU: our bf16 forward is as close to the float32
+    truth as transformers' bf16 forward is, and the two bf16 forwards agree to bf16 tolerance."""
     config = transformers.LlamaConfig(**LLAMA_3_1_8B.to_dict())
     torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    ours = Llama(LLAMA_3_1_8B).to("cuda", torch.bfloat16).eval()
-    ours.load_state_dict(reference.state_dict())
-    ours.inv_freq = ours.inv_freq.new_tensor(reference.model.rotary_emb.inv_freq)  # .to(bf16) rounded ours
+    with torch.device("cuda"):  # initialising 8B parameters on the CPU would take minutes
+        reference = transformers.LlamaForCausalLM(config).eval()
     tokens = torch.randint(0, config.vocab_size, (2, 512), device="cuda")
     with torch.no_grad():
-        expected, got = reference(tokens).logits.float(), ours(tokens).float()
-    del reference
-    scale = expected.abs().mean().item()
-    assert (got - expected).abs().mean().item() <= 0.02 * scale
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.95
+        truth = reference(tokens).logits
+        reference.to(torch.bfloat16)
+        theirs = reference(tokens).logits.float()
+        with torch.device("cuda"):
+            ours = Llama(LLAMA_3_1_8B).to(torch.bfloat16).eval()
+        ours.load_state_dict(reference.state_dict())
+        del reference
+        got = ours(tokens).float()
+    our_error, their_error = (got - truth).abs().mean().item(), (theirs - truth).abs().mean().item()
+    print(f"mean |logit error| vs float32: ours {our_error:.4f}, transformers {their_error:.4f}")
+    assert our_error <= 1.25 * their_error
+    assert (got - theirs).abs().mean().item() <= 2 * their_error
+    assert (got.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9

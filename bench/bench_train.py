@@ -1,0 +1,152 @@
+"""Training throughput and peak GPU memory of QLoRA on the 8B shape: ours beside transformers + peft + bitsandbytes.
+
+Each implementation loads the 4-bit model once and runs every config (batch x sequence, with or without
+activation checkpointing) on random tokens: warmup steps, then timed steps; a config that runs out of memory is
+reported as "oom". Ours trains the two-class loss (train.step.optimizer_step, train.optim.AdamW); the stack, as the
+reference report did, runs peft.prepare_model_for_kbit_training, LoRA on the seven projections, the
+full-vocabulary LM loss under bf16 autocast and torch.optim.AdamW. Both clip gradients at norm 1.
+Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; without, >= 2.5x at <= half its peak.
+
+    python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
+        [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5]
+"""
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (checkpoint_path, clock, emit, env_info, implementations, load_stack,  # noqa: E402
+                          parser, peak_memory, pick_device, ratio, release, reset_peak, stack_lora,
+                          trainable_parameters)
+from lora import apply_lora  # noqa: E402
+from model import LlamaConfig, load_llama  # noqa: E402
+from train.optim import AdamW  # noqa: E402
+from train.predict import autocast  # noqa: E402
+from train.step import optimizer_step  # noqa: E402
+
+LABEL_IDS = (837, 3082)  # any two fixed token ids serve as (False, True) on random weights
+LR = 2e-4
+
+
+def parse_config(text: str) -> tuple[int, int, bool | int]:
+    """BxT:ckpt (recompute every block), BxT:ckptN (ours only: the first N blocks) or BxT:nockpt."""
+    shape, _, mode = text.partition(":")
+    batch, seq = (int(n) for n in shape.split("x"))
+    if mode == "ckpt" or mode == "nockpt":
+        return batch, seq, mode == "ckpt"
+    if mode.startswith("ckpt") and mode[4:].isdigit():
+        return batch, seq, int(mode[4:])
+    raise SystemExit(f"--configs: {text!r} is not BxT:ckpt, BxT:ckptN or BxT:nockpt")
+
+
+def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, torch.optim.Optimizer, int]:
+    model = load_llama(path, dtype=torch.bfloat16, device=device, quantize="nf4")
+    apply_lora(model, args.rank, args.alpha, verbose=False)
+    if args.compile:
+        model.compile_blocks()
+    model.train()
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    label_ids = torch.tensor(LABEL_IDS, device=device)
+
+    def set_checkpointing(on: bool | int) -> None:
+        model.grad_checkpoint = on
+
+    def step(tokens: torch.Tensor) -> float:
+        lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=device)
+        labels = torch.randint(0, 2, (tokens.shape[0],), device=device)
+        return optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids)[0]
+
+    return set_checkpointing, step, optimizer, trainable_parameters(model)
+
+
+def stack(path: Path, device: torch.device, args) -> tuple[Callable, Callable, torch.optim.Optimizer, int]:
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(load_stack(path, device))  # upcasts unquantized weights to fp32
+    model = stack_lora(model, args.rank, args.alpha)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    hf_model = model.get_base_model()
+
+    def set_checkpointing(on: bool) -> None:
+        if on:  # as prepare_model_for_kbit_training enables it
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={})
+        else:
+            hf_model.gradient_checkpointing_disable()
+
+    def step(tokens: torch.Tensor) -> float:
+        with autocast(device):
+            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return set_checkpointing, step, optimizer, trainable_parameters(model)
+
+
+def run_config(step: Callable, batch: int, seq: int, vocab: int, device: torch.device, args) -> dict:
+    tokens = torch.randint(0, vocab, (batch, seq), device=device)
+    reset_peak(device)
+    for _ in range(args.warmup):
+        step(tokens)
+    start = clock(device)
+    for _ in range(args.steps):
+        loss = step(tokens)
+    seconds = clock(device) - start
+    return {"tokens_per_s": round(batch * seq * args.steps / seconds, 1), "step_s": round(seconds / args.steps, 3),
+            "loss": round(loss, 4), **peak_memory(device)}
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--configs", help="comma-separated BxT:ckpt|nockpt (default: the reference report's four; "
+                                     "2x64:ckpt,2x64:nockpt with --tiny)")
+    p.add_argument("--warmup", type=int, help="untimed steps per config, counted for peak memory (default 2; 1 --tiny)")
+    p.add_argument("--steps", type=int, help="timed steps per config (default 5; 1 with --tiny)")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each block (run.py train --compile)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=64)
+    args = p.parse_args()
+    default_configs = "2x64:ckpt,2x64:nockpt" if args.tiny else "8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt"
+    configs = (args.configs or default_configs).split(",")
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2
+    args.steps = args.steps or (1 if args.tiny else 5)
+    path, device = checkpoint_path(args), pick_device()
+    vocab = LlamaConfig.from_json(path / "config.json").vocab_size
+    torch.manual_seed(args.seed)
+
+    record = {"bench": "train", "checkpoint": str(path), "device": str(device), "compile": args.compile, "rank": args.rank,
+              "alpha": args.alpha, "warmup": args.warmup, "steps": args.steps}
+    for impl in implementations(args):
+        set_checkpointing, step, optimizer, trainable = (ours if impl == "ours" else stack)(path, device, args)
+        results = {"trainable_parameters": trainable}
+        for config in configs:
+            batch, seq, checkpointing = parse_config(config)
+            set_checkpointing(checkpointing)
+            try:
+                results[config] = run_config(step, batch, seq, vocab, device, args)
+            except torch.OutOfMemoryError:
+                results[config] = {"tokens_per_s": None, "oom": True, **peak_memory(device)}
+                optimizer.zero_grad(set_to_none=True)  # drop the gradients a failed backward left behind
+            release(device)
+            print(f"{impl} {config}: {results[config]}", file=sys.stderr)
+        record[impl] = results
+        del set_checkpointing, step, optimizer
+        release(device)
+    if "stack" in record and "ours" in record:
+        ours_results, stack_results = record["ours"], record["stack"]
+        record["ratios_ours_to_stack"] = {
+            config: {"tokens_per_s": ratio(ours_results[config]["tokens_per_s"], stack_results[config]["tokens_per_s"]),
+                     "peak_allocated": ratio(ours_results[config]["peak_allocated_gb"],
+                                             stack_results[config]["peak_allocated_gb"])}
+            for config in configs}
+    emit({**record, **env_info()})
+
+
+if __name__ == "__main__":
+    main()
