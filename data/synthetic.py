@@ -23,7 +23,7 @@ MAX_VALUE = 999  # every number shown stays within three digits
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 TRAIN_ROWS, TRAIN_SEED = 4000, 1
-TEST_ROWS, TEST_SEED = 1000, 2
+TEST_ROWS, TEST_SEED = 300, 2
 
 WRONG_OPERATIONS = {"+": ("-", "*"), "-": ("+",), "*": ("+",), "/": ("*", "-")}
 

@@ -53,11 +53,16 @@ def _read_config(path: Path) -> dict:
     for key, wanted in (("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False), ("bias", "none")):
         if config.get(key, wanted) != wanted:
             raise UserError(f"{file}: {key}={config[key]!r} is not supported (expected {wanted!r})")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if config.get(key):
             raise UserError(f"{file}: {key}={config[key]!r} is not supported")
     if not isinstance(config.get("target_modules"), list):
         raise UserError(f"{file}: target_modules={config.get('target_modules')!r} must be a list of projection names")
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        config["layers_to_transform"] = [layers]
+    elif layers is not None and not isinstance(layers, list):
+        raise UserError(f"{file}: layers_to_transform={layers!r} must be a list of block numbers")
     return config
 
 
@@ -66,7 +71,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     path = Path(adapter_dir)
     config = _read_config(path)
     apply_lora(model, int(config["r"]), float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-               targets=tuple(config["target_modules"]), verbose=False)
+               targets=tuple(config["target_modules"]), layers=config.get("layers_to_transform"), verbose=False)
     try:
         tensors = load_file(path / WEIGHTS_FILE)
     except FileNotFoundError:

@@ -86,6 +86,20 @@ def test_adapter_saved_here_loads_in_peft(tiny_checkpoint, tmp_path):
         assert (ours(tokens) - theirs(tokens).logits).abs().max().item() <= 1e-5
 
 
+def test_adapter_on_some_blocks_round_trips_with_peft(tiny_checkpoint, tmp_path):
+    tokens = torch.randint(0, 300, (2, 10))
+    ours = apply_lora(load_llama(tiny_checkpoint, dtype=torch.float32), 4, 8, layers=[1])
+    assert all(".layers.1." in name for name in lora_layers(ours))
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(_peft_model(tiny_checkpoint), tmp_path / "adapter").eval()
+    again = load_adapter(load_llama(tiny_checkpoint, dtype=torch.float32), tmp_path / "adapter")
+    with torch.no_grad():
+        expected = ours(tokens)
+        assert (theirs(tokens).logits - expected).abs().max().item() <= 1e-5
+        assert torch.equal(again(tokens), expected)
+
+
 def test_adapter_saved_by_peft_loads_here(tiny_checkpoint, tmp_path):
     tokens = torch.randint(0, 300, (2, 10))
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],

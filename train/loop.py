@@ -124,7 +124,9 @@ def train(args: Namespace) -> Path:
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), labels[val_idx]
     print(f"{data_path}: {len(train_idx)} training rows, {len(val_idx)} validation rows")
 
-    model = apply_lora(setup.model, args.rank, args.alpha, dropout=args.lora_dropout)
+    n_blocks = len(setup.model.model.layers)
+    top_blocks = list(range(max(0, n_blocks - args.lora_layers), n_blocks)) if args.lora_layers else None
+    model = apply_lora(setup.model, args.rank, args.alpha, dropout=args.lora_dropout, layers=top_blocks)
     model.grad_checkpoint = args.grad_checkpoint
     if args.compile:
         model.compile_blocks()
