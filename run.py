@@ -10,8 +10,8 @@ PRESETS = {
                       warmup_steps=25, max_steps=250),
     # The embedded dataset on a laptop CPU in about ten minutes: adapt the top blocks only (a shorter
     # backward pass), a high learning rate, a small validation split. Used when --data is not given.
-    "embedded": dict(rank=16, alpha=32, lora_layers=8, lr=1e-3, batch_size=8, warmup_steps=10, max_steps=160,
-                     val_size=200, eval_every=80, max_len=256),
+    "embedded": dict(rank=16, alpha=32, lora_layers=8, lr=1e-3, batch_size=8, warmup_steps=10, max_steps=130,
+                     val_size=200, eval_every=130, max_len=256),
 }
 
 
@@ -26,7 +26,7 @@ def positive(kind, allow_zero: bool = False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, got {text}")
         return value

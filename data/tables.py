@@ -94,7 +94,8 @@ def _read_text_columns(path: Path) -> pd.DataFrame:
     return pd.DataFrame({str(c): _as_text(df[c]) for c in df.columns})
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
+def read_json_objects(path: Path) -> list[dict]:
+    """The JSON objects of a JSON Lines file, blank lines skipped; a bad line is a UserError naming it."""
     records = []
     with open(path, encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, 1):
@@ -107,6 +108,11 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             if not isinstance(record, dict):
                 raise UserError(f"{path}: line {line_number}: not a JSON object")
             records.append(record)
+    return records
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    records = read_json_objects(path)
     if not records:
         raise pd.errors.EmptyDataError
     return pd.DataFrame.from_records(records)

@@ -131,5 +131,5 @@ def test_read_metrics_separates_training_from_evaluation_and_keeps_the_latest_li
 def test_read_metrics_names_the_line_of_a_torn_record(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n')
-    with pytest.raises(UserError, match=r"metrics.jsonl:2:"):
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2: not valid JSON"):
         read_metrics(metrics)

@@ -94,14 +94,16 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny_checkpoin
         torch.testing.assert_close(accumulated, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_train_then_infer_end_to_end(tiny_llama3, tables, tmp_path):
+def test_train_then_infer_end_to_end(tiny_llama3, tables, tmp_path, monkeypatch):
     train_csv, test_csv = tables
     run_dir = train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "run"))
     for name in ("config.json", "metrics.jsonl", "summary.json", "training.png", "adapter/adapter_model.safetensors",
                  "adapter_best/adapter_config.json", "checkpoint/state.pt"):
         assert (run_dir / name).exists(), name
     out = tmp_path / "sub" / "submission.csv"
-    assert run.main(["infer", "--run", str(run_dir), "--data", str(test_csv), "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)  # infer with no --run takes the newest run under ./runs
+    shutil.copytree(run_dir, tmp_path / "runs" / "only")
+    assert run.main(["infer", "--data", str(test_csv), "--out", str(out)]) == 0
     submission, test = pd.read_csv(out, dtype=str), pd.read_csv(test_csv, dtype=str)
     assert list(submission.columns) == ["ID", "is_correct"]
     assert submission["ID"].tolist() == test["ID"].tolist()
@@ -152,10 +154,11 @@ def test_non_finite_loss_stops_with_the_step(tiny_llama3, tables, tmp_path, monk
 @pytest.mark.parametrize("flags,message", [
     (["--rank", "0"], "argument --rank: must be positive, got 0"),
     (["--lr=-1e-4"], "argument --lr: must be positive, got -1e-4"),
-    (["--batch-size", "two"], "argument --batch-size: 'two' is not a int"),
+    (["--batch-size", "two"], "argument --batch-size: 'two' is not an integer"),
     (["--alpha", "0"], "argument --alpha: must be positive, got 0"),
     (["--template", "no-such-template"], "no-such-template"),
     (["--data", "missing.csv"], "missing.csv"),
+    (["--model", "no-such-model"], "no-such-model: model folder does not exist"),
 ])
 def test_bad_flags_get_one_line_and_exit_2(flags, message, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "run.py"), "train", *flags], cwd=tmp_path,
@@ -164,3 +167,4 @@ def test_bad_flags_get_one_line_and_exit_2(flags, message, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # no half-made run folder

@@ -18,10 +18,10 @@ from train.predict import predict_p_true
 
 
 def newest_run(runs_dir: Path = Path("runs")) -> Path:
-    runs = sorted(p.parent for p in runs_dir.glob("*/adapter/adapter_config.json"))
-    if not runs:
+    adapters = list(runs_dir.glob("*/adapter/adapter_config.json"))
+    if not adapters:
         raise UserError(f"no trained run with an adapter under {runs_dir}/; train one first or pass --run")
-    return max(runs, key=lambda p: (p / "adapter").stat().st_mtime)
+    return max(adapters, key=lambda p: p.stat().st_mtime).parent.parent
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:

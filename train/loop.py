@@ -23,8 +23,8 @@ from train.metrics import binary_metrics
 from train.optim import AdamW
 from train.plots import plot_run
 from train.predict import predict_p_true
-from train.step import optimizer_step
 from train.schedule import lr_at, total_steps
+from train.step import optimizer_step
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
 OOM_HINT = ("lower --batch-size (raising --grad-accum keeps the effective batch), add --grad-checkpoint, "
@@ -38,7 +38,7 @@ class Setup:
     model_path: Path
     model: torch.nn.Module
     tokenizer: object
-    template: object
+    template: Template
     label_ids: torch.Tensor  # (False, True) token ids: class 1 is True
 
 
@@ -49,6 +49,8 @@ def pick_device() -> torch.device:
 def load_base(args: Namespace, device: torch.device, template: Template) -> Setup:
     """Tokenizer, label tokens and the frozen base model (4-bit on request)."""
     model_path = Path(args.model) if args.model else default_model_path()
+    if not model_path.is_dir():
+        raise UserError(f"--model {model_path}: model folder does not exist")
     tokenizer = load_tokenizer(model_path)
     true_id, false_id = label_token_ids(template, tokenizer)
     quant = args.quant or ("nf4" if device.type == "cuda" else "none")
@@ -58,17 +60,23 @@ def load_base(args: Namespace, device: torch.device, template: Template) -> Setu
 
 
 class BatchStream:
-    """Micro-batches of row indices, epoch after epoch; its position is part of a checkpoint."""
+    """Micro-batches of row indices, epoch after epoch; its position is part of a checkpoint. Under data
+    parallelism each rank streams its own disjoint share (rank, world_size)."""
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 0, index: int = 0):
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, epoch: int = 0, index: int = 0,
+                 rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.index = epoch, index
-        self.order = train_batch_order(lengths, batch_size, seed, epoch)
+        self.order = self._epoch_order()
+
+    def _epoch_order(self) -> list[np.ndarray]:
+        return train_batch_order(self.lengths, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)
 
     def __next__(self) -> np.ndarray:
         if self.index == len(self.order):
             self.epoch, self.index = self.epoch + 1, 0
-            self.order = train_batch_order(self.lengths, self.batch_size, self.seed, self.epoch)
+            self.order = self._epoch_order()
         self.index += 1
         return self.order[self.index - 1]
 
@@ -97,7 +105,6 @@ def new_run_dir(out: str | None) -> Path:
     run_dir = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if (run_dir / "config.json").exists():
         raise UserError(f"--out {run_dir}: a run already lives there (use --resume {run_dir} to continue it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -113,11 +120,13 @@ def train(args: Namespace) -> Path:
     df = read_table(data_path, split="train", template=template, skip_bad_rows=args.skip_bad_rows)
     if not args.resume:
         run_dir = new_run_dir(args.out)
-        write_json(run_dir / "config.json", vars(args))
     device = pick_device()
     torch.manual_seed(args.seed)
 
     setup = load_base(args, device, template)
+    if not args.resume:  # created only once the inputs have proven good
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", vars(args))
     table = tokenize_table(df, setup.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
     labels = table_labels(df)
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)

@@ -7,6 +7,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from data.errors import UserError
+from data.tables import read_json_objects
 
 
 def read_metrics(metrics_jsonl: Path) -> tuple[dict[int, dict], dict[str, dict[int, dict]]]:
@@ -17,19 +18,11 @@ def read_metrics(metrics_jsonl: Path) -> tuple[dict[int, dict], dict[str, dict[i
     """
     train: dict[int, dict] = {}
     evals: dict[str, dict[int, dict]] = {}
-    try:
-        lines = Path(metrics_jsonl).read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{metrics_jsonl}: metrics file not found") from None
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{metrics_jsonl}:{line_number}:{e.colno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise UserError(f"{metrics_jsonl}:{line_number}: expected a JSON object with an integer 'step'")
+    if not Path(metrics_jsonl).is_file():
+        raise UserError(f"{metrics_jsonl}: metrics file not found")
+    for record in read_json_objects(Path(metrics_jsonl)):
+        if not isinstance(record.get("step"), int):
+            raise UserError(f"{metrics_jsonl}: a record without an integer 'step': {json.dumps(record)[:80]}")
         if "split" in record:
             evals.setdefault(record["split"], {})[record["step"]] = record
         elif "loss" in record:
