@@ -54,7 +54,7 @@ def read_table(
             row, column, what = problems[0]
             raise UserError(f"{path}: row {row}, column {column!r}: {what}")
         df = _drop_rows(df, path, problems)
-    labels = _parse_labels(df[LABEL]) if LABEL in df.columns else None
+    labels = parse_labels(df[LABEL]) if LABEL in df.columns else None
     if labels is not None and not labels.isna().any():
         df[LABEL] = labels.astype(bool)
     df.attrs["source"] = str(path)
@@ -131,7 +131,8 @@ def _cell_text(value) -> str:
     return str(value)
 
 
-def _parse_labels(column: pd.Series) -> pd.Series:
+def parse_labels(column: pd.Series) -> pd.Series:
+    """True/False, true/false, 1/0, yes/no as booleans; anything else as NaN."""
     return column.str.strip().str.lower().map(BOOLEANS)
 
 
@@ -148,7 +149,7 @@ def _row_problems(df: pd.DataFrame, template: Template, split: str) -> list[tupl
         why = " (the template uses the solution)" if column == "solution" else ""
         checks.append((column, df[column].str.strip() == "", lambda row, why=why: f"is empty{why}"))
     if split == "train":
-        bad_label = _parse_labels(df[LABEL]).isna()
+        bad_label = parse_labels(df[LABEL]).isna()
         checks.append(
             (
                 LABEL,

@@ -168,3 +168,19 @@ def test_bad_flags_get_one_line_and_exit_2(flags, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # no half-made run folder
+
+
+def test_label_file_is_read_by_id_and_checked(tmp_path):
+    from train.infer import read_label_file
+
+    ids = pd.Series(["b", "a"])
+    path = tmp_path / "labels.csv"
+    path.write_text("ID,is_correct\na,yes\nb,False\nc,1\n")
+    assert read_label_file(path, ids).tolist() == [0, 1]
+    with pytest.raises(UserError, match="no label for ID z"):
+        read_label_file(path, pd.Series(["z"]))
+    path.write_text("ID,is_correct\na,maybe\n")
+    with pytest.raises(UserError, match="not True/False, 1/0 or yes/no"):
+        read_label_file(path, pd.Series(["a"]))
+    with pytest.raises(UserError, match="missing.csv: file not found"):
+        read_label_file(tmp_path / "missing.csv", ids)

@@ -9,6 +9,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from data import get_template, read_table, table_labels, tokenize_table
+from data.tables import parse_labels
 from data.errors import UserError
 from lora import load_adapter
 from model.default import cache_dir
@@ -33,17 +34,19 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 
 def read_label_file(path: Path, ids: pd.Series) -> np.ndarray:
     """Labels by ID from a separate ID,is_correct table, in the order of `ids`."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
     labels = pd.read_csv(path, dtype=str, keep_default_na=False)
     for column in ("ID", "is_correct"):
         if column not in labels.columns:
             raise UserError(f"{path}: column {column} missing")
-    by_id = dict(zip(labels["ID"], labels["is_correct"].str.lower().map({"true": 1, "false": 0, "1": 1, "0": 0})))
+    by_id = dict(zip(labels["ID"], parse_labels(labels["is_correct"])))
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise UserError(f"{path}: no label for ID {missing[0]} ({len(missing)} IDs without a label)")
     values = np.array([by_id[i] for i in ids], dtype=float)
     if np.isnan(values).any():
-        raise UserError(f"{path}: column is_correct has a value that is not True/False/1/0")
+        raise UserError(f"{path}: column is_correct has a value that is not True/False, 1/0 or yes/no")
     return values.astype(np.int64)
 
 
