@@ -1,8 +1,5 @@
 """Adapters in peft's file format: `adapter_config.json` and `adapter_model.safetensors`."""
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +9,7 @@ from torch import nn
 
 from data.errors import UserError
 from lora.inject import apply_lora, lora_layers
+from model.files import atomic_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -33,13 +31,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
               "base_model_name_or_path": str(base_model_name_or_path), "fan_in_fan_out": False,
               "inference_mode": True, "use_rslora": False, "modules_to_save": None}
     tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in adapter_state_dict(model).items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def _read_config(path: Path) -> dict:

@@ -1,8 +1,5 @@
 """Hugging Face-layout checkpoints: `config.json` plus (sharded) safetensors, read tensor by tensor."""
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +10,7 @@ from torch import Tensor, nn
 
 from data.errors import UserError
 from model.config import LlamaConfig
+from model.files import atomic_folder
 from model.llama import Llama, rope_inv_freq
 from model.nf4 import quantize_nf4
 
@@ -105,10 +103,6 @@ def save_llama(model: Llama, out_dir: str | Path, dtype: torch.dtype | None = No
         if tensor.dtype == torch.uint8 or ".weight." in name:
             raise UserError(f"save_llama: {name} is quantized; only a full-precision model can be saved")
         state[name] = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    save_file(state, tmp / SINGLE_FILE, metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        save_file(state, tmp / SINGLE_FILE, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))

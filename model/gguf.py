@@ -1,10 +1,7 @@
 """A llama.cpp GGUF file of a Llama-architecture model → a Hugging Face-layout folder that `load_llama` and
 `load_tokenizer` read: `config.json`, `model.safetensors` (dequantized to float32), `tokenizer_bpe.json`."""
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -13,6 +10,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
 from data.errors import UserError
+from model.files import atomic_folder
 from model.tokenizer import BPE_FILE, BPE_FORMAT, BYTE_LEVEL_SPLITS, check_runs_on_tiktoken, load_tokenizer
 
 BLOCK_TENSORS = {  # llama.cpp name inside blk.N -> Hugging Face name inside model.layers.N
@@ -160,16 +158,9 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     tokenizer = _tokenizer_spec(reader)
     tensors = _tensors(reader, config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_folder(out_dir) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / BPE_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
         load_tokenizer(tmp)  # what was written must read back
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
