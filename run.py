@@ -75,7 +75,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                     help="recompute blocks in the backward pass to save memory: all of them, or the first N")
     tr.add_argument("--compile", action="store_true", help="torch.compile the blocks (pays off for small models on a GPU)")
     tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
-    tr.add_argument("--eval-batch-tokens", type=positive(int), default=32768, help="token budget of an eval batch")
+    tr.add_argument("--eval-batch-tokens", type=positive(int),
+                    help="token budget of an eval batch (default 32768 on CUDA, 2048 on CPU)")
     tr.add_argument("--seed", type=int, default=0, help="fixes data order, split, LoRA init and dropout")
     tr.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
     if preset in PRESETS:
@@ -88,7 +89,8 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     inf.add_argument("--out", default="submission.csv", help="submission file (default submission.csv)")
     inf.add_argument("--model", help="base model folder, when it moved since training")
     inf.add_argument("--best", action="store_true", help="use the run's best validation adapter")
-    inf.add_argument("--batch-tokens", type=positive(int), default=32768, help="token budget per batch")
+    inf.add_argument("--batch-tokens", type=positive(int),
+                     help="token budget per batch (default 32768 on CUDA, 2048 on CPU)")
     inf.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
     return parser
 

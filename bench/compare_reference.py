@@ -33,7 +33,7 @@ from model import load_tokenizer  # noqa: E402
 from model.default import default_model_path  # noqa: E402
 from train.loop import BatchStream, train  # noqa: E402
 from train.metrics import binary_metrics  # noqa: E402
-from train.predict import autocast  # noqa: E402
+from train.predict import autocast, default_batch_tokens  # noqa: E402
 from train.schedule import lr_at, total_steps  # noqa: E402
 
 IGNORE = -100  # transformers' ignored label
@@ -126,7 +126,8 @@ def run_stack(args: argparse.Namespace, device: torch.device) -> dict:
         if (step + 1) % 50 == 0 or step + 1 == last_step:
             print(f"stack step {step + 1}/{last_step}: loss {loss.item():.4f}", file=sys.stderr)
     train_s = clock(device) - train_start
-    p_true = stack_p_true(model, val_table, label_ids.to(device), tokenizer.pad_id, args.eval_batch_tokens, device)
+    p_true = stack_p_true(model, val_table, label_ids.to(device), tokenizer.pad_id,
+                          args.eval_batch_tokens or default_batch_tokens(device), device)
     metrics = binary_metrics(p_true, labels[val_idx])
     return {"impl": "stack", "val_accuracy": metrics["accuracy"], "val_auroc": metrics["auroc"],
             "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - start, 1), "steps": last_step,

@@ -60,14 +60,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None = None) -> Tensor:
+        """[B, T, D] for every position, or [B, 1, D] for the position `last` [B] of each row only."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Rows are right-padded, so plain causal attention is exact for every real token.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        k = apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if last is None:
+            q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+            # Rows are right-padded, so plain causal attention is exact for every real token.
+            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            q = self.q_proj(x[torch.arange(batch, device=x.device), last]).view(batch, self.n_heads, 1, self.head_dim)
+            q = apply_rope(q, cos[last].unsqueeze(1).unsqueeze(1), sin[last].unsqueeze(1).unsqueeze(1))
+            visible = torch.arange(seq_len, device=x.device) <= last.unsqueeze(1)  # [B, T]: up to `last`
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], enable_gqa=gqa)
+            seq_len = 1
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
 
@@ -91,8 +100,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None = None) -> Tensor:
+        """[B, T, D], or [B, 1, D] at the position `last` [B] of each row (keys and values still span all)."""
+        residual = x if last is None else x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+        x = residual + self.self_attn(self.input_layernorm(x), cos, sin, last)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -120,17 +131,22 @@ class Llama(nn.Module):
         for block in self.model.layers:
             block.compile(dynamic=True)
 
-    def hidden_states(self, tokens: Tensor) -> Tensor:
-        """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]."""
+    def hidden_states(self, tokens: Tensor, last: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]; with `last` [B], only those
+        at each row's position `last`, [B, D]: then the final block skips every other position's query,
+        attention output and MLP, which nothing downstream reads."""
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, tokens.shape[1], x.dtype)
         n_recomputed = len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint)
+        final = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
+            args = (x, cos, sin, last) if i == final and last is not None else (x, cos, sin)
             if i < n_recomputed and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
-        return self.model.norm(x)
+                x = block(*args)
+        x = self.model.norm(x)
+        return x if last is None else x.squeeze(1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits [B, T, V]."""

@@ -184,3 +184,19 @@ def test_label_file_is_read_by_id_and_checked(tmp_path):
         read_label_file(path, pd.Series(["a"]))
     with pytest.raises(UserError, match="missing.csv: file not found"):
         read_label_file(tmp_path / "missing.csv", ids)
+
+
+def test_default_scoring_budget_fits_a_row_longer_than_the_cpu_budget(tiny_checkpoint):
+    from data import Tokenized
+    from train.predict import default_batch_tokens, predict_p_true
+
+    model = load_llama(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    lengths = [default_batch_tokens(torch.device("cpu")) + 5, 7, 300]
+    ids = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(0)).numpy().astype("int32")
+    offsets = torch.tensor([0] + lengths).cumsum(0).numpy()
+    table = Tokenized(ids=ids, offsets=offsets, labels=None, truncated=offsets[:0])
+    label_ids, device = torch.tensor([3, 4]), torch.device("cpu")
+    by_default = predict_p_true(model, table, label_ids, 0, None, device)
+    explicit = predict_p_true(model, table, label_ids, 0, max(lengths), device)
+    assert by_default.shape == (3,)
+    torch.testing.assert_close(torch.from_numpy(by_default), torch.from_numpy(explicit), rtol=1e-5, atol=1e-6)

@@ -1,13 +1,11 @@
 """The classifier: the logits of the two label tokens at each row's last real token (C = 2)."""
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 def last_token_hidden(model: nn.Module, tokens: Tensor, lengths: Tensor) -> Tensor:
     """Final hidden state [B, D] at each right-padded row's last real position."""
-    hidden = model.hidden_states(tokens)
-    return hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
+    return model.hidden_states(tokens, last=lengths - 1)
 
 
 def label_logits(model: nn.Module, tokens: Tensor, lengths: Tensor, label_ids: Tensor) -> Tensor:
