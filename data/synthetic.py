@@ -148,6 +148,14 @@ def person(rng: random.Random, avoid: tuple[str, ...] = ()) -> tuple[str, str, s
     return name, pronoun, SELF[pronoun]
 
 
+def names(rng: random.Random, n: int) -> list[str]:
+    """n different names."""
+    chosen: list[str] = []
+    for _ in range(n):
+        chosen.append(person(rng, tuple(chosen))[0])
+    return chosen
+
+
 def packs(rng: random.Random) -> Problem:
     name, he, _ = person(rng)
     item = rng.choice(["pens", "stickers", "marbles", "cards", "crayons", "balloons", "candies"])
@@ -250,9 +258,7 @@ def sharing(rng: random.Random) -> Problem:
 
 
 def ages(rng: random.Random) -> Problem:
-    a, _, _ = person(rng)
-    b, _, _ = person(rng, (a,))
-    c, _, _ = person(rng, (a, b))
+    a, b, c = names(rng, 3)
     x, times = rng.randint(3, 15), rng.randint(2, 4)
     younger = rng.randint(1, x * times - 2)
     steps = [
@@ -335,9 +341,7 @@ def garden(rng: random.Random) -> Problem:
 
 
 def collections(rng: random.Random) -> Problem:
-    a, _, _ = person(rng)
-    b, _, _ = person(rng, (a,))
-    c, _, _ = person(rng, (a, b))
+    a, b, c = names(rng, 3)
     item = rng.choice(["stamps", "shells", "coins", "rocks", "badges"])
     x, times = rng.randint(4, 30), rng.randint(2, 4)
     fewer = rng.randint(1, x * times - 1)

@@ -9,7 +9,7 @@ from torch import nn
 
 from data.errors import UserError
 from lora.inject import apply_lora, lora_layers
-from model.files import atomic_folder
+from model.files import atomic_folder, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,12 +38,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
 
 def _read_config(path: Path) -> dict:
     file = path / CONFIG_FILE
-    if not file.is_file():
-        raise UserError(f"{path}: no {CONFIG_FILE}")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file}: not valid JSON ({err})") from None
+    config = read_json(file, f"{path}: no {CONFIG_FILE}")
     for key, wanted in (("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False), ("bias", "none")):
         if config.get(key, wanted) != wanted:
             raise UserError(f"{file}: {key}={config[key]!r} is not supported (expected {wanted!r})")

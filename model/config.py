@@ -1,8 +1,8 @@
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from data.errors import UserError
+from model.files import read_json
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -61,13 +61,7 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: no config.json")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, f"{path}: no config.json"), source=str(path))
 
     def to_dict(self) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self)}

@@ -1,9 +1,12 @@
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from data.errors import UserError
 
 
 @contextmanager
@@ -19,3 +22,13 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(file: Path, missing: str) -> dict:
+    """The JSON object in `file`; a missing file raises `missing`, a malformed one names the file and the error."""
+    if not file.is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{file}: not valid JSON ({err})") from None

@@ -1,3 +1,4 @@
+import re
 import shutil
 import subprocess
 import sys
@@ -200,3 +201,20 @@ def test_default_scoring_budget_fits_a_row_longer_than_the_cpu_budget(tiny_check
     explicit = predict_p_true(model, table, label_ids, 0, max(lengths), device)
     assert by_default.shape == (3,)
     torch.testing.assert_close(torch.from_numpy(by_default), torch.from_numpy(explicit), rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_a_corrupt_config_is_named_in_one_error(tmp_path):
+    from argparse import Namespace
+
+    from train.infer import infer
+
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run_dir / 'config.json'))}: not valid JSON \("):
+        train.loop.train(Namespace(resume=str(run_dir)))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(run_dir / 'config.json'))}: not valid JSON \("):
+        infer(Namespace(run=str(run_dir), best=False))
+    (run_dir / "config.json").unlink()
+    with pytest.raises(UserError, match=r"no run there \(config.json missing\)$"):
+        train.loop.train(Namespace(resume=str(run_dir)))

@@ -1,5 +1,4 @@
 """Scoring a test table with a trained run: submission.csv (ID,is_correct) and P(True) per row."""
-import json
 import os
 from argparse import Namespace
 from pathlib import Path
@@ -13,6 +12,7 @@ from data.tables import parse_labels
 from data.errors import UserError
 from lora import load_adapter
 from model.default import cache_dir
+from model.files import read_json
 from train.loop import DEFAULT_DATA_DIR, load_base, pick_device, write_json
 from train.metrics import binary_metrics
 from train.predict import predict_p_true
@@ -53,9 +53,10 @@ def read_label_file(path: Path, ids: pd.Series) -> np.ndarray:
 def infer(args: Namespace) -> Path:
     run_dir = Path(args.run) if args.run else newest_run()
     adapter_dir = run_dir / ("adapter_best" if args.best else "adapter")
-    if not (run_dir / "config.json").is_file() or not adapter_dir.is_dir():
-        raise UserError(f"--run {run_dir}: not a finished run (needs config.json and {adapter_dir.name}/)")
-    flags = Namespace(**json.loads((run_dir / "config.json").read_text()))
+    unfinished = f"--run {run_dir}: not a finished run (needs config.json and {adapter_dir.name}/)"
+    if not adapter_dir.is_dir():
+        raise UserError(unfinished)
+    flags = Namespace(**read_json(run_dir / "config.json", unfinished))
     if args.model:
         flags.model = args.model
     if args.data:

@@ -18,6 +18,7 @@ from data.errors import UserError
 from lora import apply_lora, save_adapter
 from model import load_llama, load_tokenizer
 from model.default import cache_dir, default_model_path
+from model.files import read_json
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.metrics import binary_metrics
 from train.optim import AdamW
@@ -112,9 +113,8 @@ def train(args: Namespace) -> Path:
     """Fine-tunes LoRA adapters for the two-class judgement; returns the run folder."""
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"--resume {run_dir}: no run there (config.json missing)")
-        args = Namespace(**{**json.loads((run_dir / "config.json").read_text()), "resume": str(run_dir)})
+        flags = read_json(run_dir / "config.json", f"--resume {run_dir}: no run there (config.json missing)")
+        args = Namespace(**{**flags, "resume": str(run_dir)})
     template = get_template(args.template)
     data_path = Path(args.data) if args.data else DEFAULT_DATA_DIR / "train.csv"
     df = read_table(data_path, split="train", template=template, skip_bad_rows=args.skip_bad_rows)
