@@ -8,7 +8,7 @@ PRESETS = {
     # The reference report's best submission (its Table 2, submission 10).
     "seed-best": dict(rank=64, alpha=64, grad_accum=32, weight_decay=0.01, lr=1.2e-4, batch_size=8,
                       warmup_steps=25, max_steps=250),
-    # The embedded dataset on a 2-core CPU in about ten minutes: adapt the top 16 of 30 blocks (the backward
+    # The embedded dataset on a 2-core CPU in about eight minutes: adapt the top 16 of 30 blocks (the backward
     # pass stops below them; 8 blocks learned too slowly), a high learning rate, 880 rows, a small validation
     # split (bench/RESULTS.md has the sweep). Used when --data is not given.
     "embedded": dict(rank=16, alpha=32, lora_layers=16, lr=1e-3, batch_size=8, warmup_steps=10, max_steps=110,

@@ -1,4 +1,5 @@
-"""The speed levers (recomputation, compiled blocks, the final block on the last positions only) keep the loss and the LoRA gradients of the plain path.
+"""The speed levers (recomputation, compiled blocks, the final block on the last positions only) keep the loss
+and the LoRA gradients of the plain path.
 
 On the CPU everything runs in float32 and the fast path must match the plain one to rounding. On the GPU both
 run in bf16, where any reordering of float operations shows; there the fast path's distance from the float32
