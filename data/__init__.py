@@ -1,5 +1,5 @@
 """Tables → validated rows → prompts → token ids (cached) → length-bucketed, right-padded batches."""
-from data.batches import budget_batches, collate, train_batch_order
+from data.batches import budget_batches, collate, padded_length, train_batch_order
 from data.errors import UserError
 from data.split import split_train_val, validation_rows
 from data.tables import read_table, required_columns, table_labels
@@ -14,6 +14,7 @@ __all__ = [
     "collate",
     "get_template",
     "label_token_ids",
+    "padded_length",
     "read_table",
     "required_columns",
     "split_train_val",

@@ -49,13 +49,19 @@ def budget_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     return batches
 
 
+def padded_length(length: int | np.ndarray, multiple: int) -> int | np.ndarray:
+    """`length` rounded up to a multiple of `multiple`."""
+    return -(-length // multiple) * multiple
+
+
 def collate(
-    tokenized: Tokenized, rows: np.ndarray, pad_id: int
+    tokenized: Tokenized, rows: np.ndarray, pad_id: int, pad_to_multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """tokens [B, T] right-padded with pad_id (T = the longest row), lengths [B], labels [B] or None."""
+    """tokens [B, T] right-padded with pad_id (T = the longest row, rounded up to `pad_to_multiple`), lengths [B],
+    labels [B] or None."""
     rows = np.asarray(rows, dtype=np.int64)
     lengths = tokenized.lengths[rows]
-    tokens = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
+    tokens = np.full((len(rows), padded_length(int(lengths.max()), pad_to_multiple)), pad_id, dtype=np.int64)
     is_token = np.arange(tokens.shape[1]) < lengths[:, None]
     tokens[is_token] = tokenized.subset(rows).ids  # row-major: row after row, as subset lays them out
     labels = None if tokenized.labels is None else torch.from_numpy(tokenized.labels[rows])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import Tokenized, UserError, budget_batches, collate, train_batch_order
+from data import Tokenized, UserError, budget_batches, collate, padded_length, train_batch_order
 
 
 def ragged(lengths: list[int], labels: list[int] | None = None) -> Tokenized:
@@ -90,3 +90,12 @@ def test_collate_right_pads():
     assert tokens.tolist() == [[2001, 2002, 2003, 2004], [1001, -1, -1, -1]]
     assert lengths.tolist() == [4, 1] and labels.tolist() == [1, 0]
     assert collate(ragged([2]), np.array([0]), pad_id=0)[2] is None
+
+
+def test_collate_pads_to_a_multiple_and_keeps_the_true_lengths():
+    tokenized = ragged([3, 1, 4], labels=[1, 0, 1])
+    tokens, lengths, _ = collate(tokenized, np.array([2, 1]), pad_id=-1, pad_to_multiple=3)
+    assert tokens.tolist() == [[2001, 2002, 2003, 2004, -1, -1], [1001, -1, -1, -1, -1, -1]]
+    assert lengths.tolist() == [4, 1]
+    assert collate(tokenized, np.array([0]), pad_id=-1, pad_to_multiple=3)[0].shape == (1, 3)  # already a multiple
+    assert padded_length(np.array([1, 64, 65]), 64).tolist() == [64, 64, 128]

@@ -136,18 +136,23 @@ def test_resume_after_interrupt_ends_with_the_same_adapter(tiny_llama3, tables, 
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_non_finite_loss_stops_with_the_step(tiny_llama3, tables, tmp_path, monkeypatch):
+@pytest.mark.parametrize("broken,message", [("loss", "loss became nan"), ("gradient", "gradient norm became (inf|nan)")])
+def test_non_finite_step_stops_with_the_step(tiny_llama3, tables, tmp_path, monkeypatch, broken, message):
     train_csv, _ = tables
     real_loss_sum = train.step.loss_sum
     calls = []
 
-    def nan_from_step_5(*args, **kwargs):
+    def broken_from_step_5(*args, **kwargs):
         calls.append(1)
         loss = real_loss_sum(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 8 else loss  # two micro-batches a step
+        if len(calls) <= 8:  # two micro-batches a step
+            return loss
+        if broken == "loss":
+            return loss * float("nan")
+        return loss + (loss - loss.detach()) * 1e38 * 1e38  # the same value; a gradient of 1e76 overflows
 
-    monkeypatch.setattr(train.step, "loss_sum", nan_from_step_5)
-    with pytest.raises(UserError, match=r"loss became nan at step 5; the last good checkpoint is in .*checkpoint"):
+    monkeypatch.setattr(train.step, "loss_sum", broken_from_step_5)
+    with pytest.raises(UserError, match=rf"{message} at step 5; the last good checkpoint is in .*checkpoint"):
         train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoint" / "state.pt").is_file()
 
@@ -201,6 +206,28 @@ def test_default_scoring_budget_fits_a_row_longer_than_the_cpu_budget(tiny_check
     explicit = predict_p_true(model, table, label_ids, 0, max(lengths), device)
     assert by_default.shape == (3,)
     torch.testing.assert_close(torch.from_numpy(by_default), torch.from_numpy(explicit), rtol=1e-5, atol=1e-6)
+
+
+def test_scores_are_the_same_with_batches_padded_to_a_multiple(tiny_checkpoint):
+    from data import Tokenized
+    from train.predict import predict_p_true
+
+    model = load_llama(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    lengths = [5, 17, 9, 64, 3]
+    ids = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(0)).numpy().astype("int32")
+    offsets = torch.tensor([0] + lengths).cumsum(0).numpy()
+    table = Tokenized(ids=ids, offsets=offsets, labels=None, truncated=offsets[:0])
+    label_ids, device = torch.tensor([3, 4]), torch.device("cpu")
+    plain = predict_p_true(model, table, label_ids, 0, 80, device)
+    padded = predict_p_true(model, table, label_ids, 0, 80, device, pad_to_multiple=16)
+    torch.testing.assert_close(torch.from_numpy(padded), torch.from_numpy(plain), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_cuda_graphs_without_a_gpu_is_one_line(tiny_llama3, tables, tmp_path):
+    with pytest.raises(UserError, match=r"^--cuda-graphs needs a CUDA GPU$"):
+        train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--cuda-graphs"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_with_a_corrupt_config_is_named_in_one_error(tmp_path):

@@ -28,6 +28,7 @@ from train.schedule import lr_at, total_steps
 from train.step import optimizer_step
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
+CUDA_GRAPH_PAD = 64  # with --cuda-graphs batches pad to a multiple of this, so few shapes get recorded
 OOM_HINT = ("lower --batch-size (raising --grad-accum keeps the effective batch), add --grad-checkpoint, "
             "or lower --max-len")
 
@@ -109,6 +110,15 @@ def new_run_dir(out: str | None) -> Path:
     return run_dir
 
 
+def check_cuda_graphs(args: Namespace, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU")
+    if args.quant != "none":
+        raise UserError("--cuda-graphs needs --quant none (it is tested with a bf16 base, not with 4-bit layers)")
+    if args.grad_checkpoint:
+        raise UserError("--cuda-graphs does not combine with --grad-checkpoint (not tested together)")
+
+
 def train(args: Namespace) -> Path:
     """Fine-tunes LoRA adapters for the two-class judgement; returns the run folder."""
     if args.resume:
@@ -121,6 +131,9 @@ def train(args: Namespace) -> Path:
     if not args.resume:
         run_dir = new_run_dir(args.out)
     device = pick_device()
+    cuda_graphs = getattr(args, "cuda_graphs", False)  # runs saved before the flag existed lack it
+    if cuda_graphs:
+        check_cuda_graphs(args, device)
     torch.manual_seed(args.seed)
 
     setup = load_base(args, device, template)
@@ -137,8 +150,9 @@ def train(args: Namespace) -> Path:
     top_blocks = list(range(max(0, n_blocks - args.lora_layers), n_blocks)) if args.lora_layers else None
     model = apply_lora(setup.model, args.rank, args.alpha, dropout=args.lora_dropout, layers=top_blocks)
     model.grad_checkpoint = args.grad_checkpoint
-    if args.compile:
-        model.compile_blocks()
+    if args.compile or cuda_graphs:
+        model.compile_blocks(cuda_graphs)
+    pad_to = CUDA_GRAPH_PAD if cuda_graphs else 1
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
@@ -154,7 +168,7 @@ def train(args: Namespace) -> Path:
 
     def evaluate() -> dict:
         p_true = predict_p_true(model, val_table, setup.label_ids, setup.tokenizer.pad_id,
-                                args.eval_batch_tokens, device)
+                                args.eval_batch_tokens, device, pad_to_multiple=pad_to)
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
         append_jsonl(files["metrics.jsonl"], metrics)
         if metrics["accuracy"] > progress["best_accuracy"]:
@@ -173,13 +187,14 @@ def train(args: Namespace) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_started = time.perf_counter()
-            micro_batches = [[t.to(device) for t in collate(train_table, next(stream), setup.tokenizer.pad_id)]
-                             for _ in range(args.grad_accum)]
+            micro_batches = [[t.to(device) for t in collate(train_table, next(stream), setup.tokenizer.pad_id,
+                                                            pad_to)] for _ in range(args.grad_accum)]
             tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in micro_batches)
             loss, grad_norm = optimizer_step(model, optimizer, micro_batches, setup.label_ids, args.loss,
                                              args.max_grad_norm)
-            if not math.isfinite(loss):
-                raise UserError(f"loss became {loss} at step {step + 1}; the last good checkpoint is in "
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+                raise UserError(f"{what} at step {step + 1}; the last good checkpoint is in "
                                 f"{files['checkpoint']} (try a lower --lr)")
             progress.update(step=step + 1, wall_s=time.perf_counter() - started, **stream.position())
             tokens_per_s = tokens_seen / (time.perf_counter() - step_started)

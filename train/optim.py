@@ -1,5 +1,7 @@
-"""AdamW with decoupled weight decay, float32 moments, one foreach pass per parameter group."""
+"""AdamW with decoupled weight decay and float32 moments: torch's fused multi-tensor kernel for float32 parameters,
+float32 foreach passes for lower-precision ones."""
 import math
+from collections import defaultdict
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -52,34 +54,16 @@ class AdamW(torch.optim.Optimizer):
             return
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("AdamW does not support sparse gradients")
-        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
-
         states = [self._state_of(p) for p in params]
         for state in states:
             state["step"] += 1
-        exp_avgs = [state["exp_avg"] for state in states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        grads = [p.grad.float() for p in params]
-        params32 = [p.float() for p in params]  # the parameter itself when it is already float32
-
-        if weight_decay != 0:
-            torch._foreach_mul_(params32, 1 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-
-        # Bias corrections are per parameter: a parameter that sat out steps has a smaller step count.
-        step_sizes = [-lr / (1 - beta1 ** state["step"]) for state in states]
-        bias_correction2_sqrts = [math.sqrt(1 - beta2 ** state["step"]) for state in states]
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, bias_correction2_sqrts)
-        torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(params32, exp_avgs, denoms, step_sizes)
-
-        cast_back = [(p, p32) for p, p32 in zip(params, params32) if p32 is not p]
-        if cast_back:
-            torch._foreach_copy_([p for p, _ in cast_back], [p32 for _, p32 in cast_back])
+        hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                     weight_decay=group["weight_decay"])
+        is_float32 = [p.dtype == p.grad.dtype == torch.float32 for p in params]
+        _fused_update([p for p, f in zip(params, is_float32) if f], [s for s, f in zip(states, is_float32) if f],
+                      **hyper)
+        _foreach_update([p for p, f in zip(params, is_float32) if not f],
+                        [s for s, f in zip(states, is_float32) if not f], **hyper)
 
     def _state_of(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -100,3 +84,45 @@ class AdamW(torch.optim.Optimizer):
                 continue
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+
+
+def _fused_update(params: list[torch.Tensor], states: list[dict[str, Any]], lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float) -> None:
+    """Float32 parameters: torch's multi-tensor AdamW kernel, one call per device and step count. The same update
+    as `_foreach_update` in a few kernel launches and no temporaries: for SmolLM2's 420 LoRA tensors the foreach
+    form spent ~7 ms of host time a step, more than the GPU spent on the whole update."""
+    by_device_and_step = defaultdict(list)
+    for p, state in zip(params, states):
+        by_device_and_step[p.device, state["step"]].append((p, state))
+    for (device, step), members in by_device_and_step.items():
+        step_tensor = torch.full((), step, dtype=torch.float32, device=device)  # read by the kernel, not changed
+        torch._fused_adamw_([p for p, _ in members], [p.grad for p, _ in members],
+                            [s["exp_avg"] for _, s in members], [s["exp_avg_sq"] for _, s in members], [],
+                            [step_tensor] * len(members), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                            eps=eps, amsgrad=False, maximize=False)
+
+
+def _foreach_update(params: list[torch.Tensor], states: list[dict[str, Any]], lr: float, beta1: float, beta2: float,
+                    eps: float, weight_decay: float) -> None:
+    """Lower-precision parameters: the math in float32 foreach passes, the result cast back to each parameter."""
+    if not params:
+        return
+    exp_avgs = [state["exp_avg"] for state in states]
+    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+    grads = [p.grad.float() for p in params]
+    params32 = [p.float() for p in params]
+
+    if weight_decay != 0:
+        torch._foreach_mul_(params32, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+    # Bias corrections are per parameter: a parameter that sat out steps has a smaller step count.
+    step_sizes = [-lr / (1 - beta1 ** state["step"]) for state in states]
+    bias_correction2_sqrts = [math.sqrt(1 - beta2 ** state["step"]) for state in states]
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrts)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params32, exp_avgs, denoms, step_sizes)
+    torch._foreach_copy_(params, params32)

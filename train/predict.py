@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import Tokenized, budget_batches, collate
+from data import Tokenized, budget_batches, collate, padded_length
 from train.objective import label_logits
 
 
@@ -24,16 +24,19 @@ def default_batch_tokens(device: torch.device) -> int:
 
 @torch.no_grad()
 def predict_p_true(model: nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int,
-                   max_batch_tokens: int | None, device: torch.device, progress=None) -> np.ndarray:
+                   max_batch_tokens: int | None, device: torch.device, progress=None,
+                   pad_to_multiple: int = 1) -> np.ndarray:
     """P(True) for every row of `table`, in the table's order; batches of at most `max_batch_tokens`
-    (default: `default_batch_tokens`, or the longest row where that is longer)."""
+    (default: `default_batch_tokens`, or the longest row where that is longer), each padded to a multiple of
+    `pad_to_multiple` tokens."""
+    padded = padded_length(table.lengths, pad_to_multiple)
     if max_batch_tokens is None and len(table):
-        max_batch_tokens = max(default_batch_tokens(device), int(table.lengths.max()))
+        max_batch_tokens = max(default_batch_tokens(device), int(padded.max()))
     was_training = model.training
     model.eval()
     p_true = np.empty(len(table), dtype=np.float32)
-    for indices in budget_batches(table.lengths, max_batch_tokens):
-        tokens, lengths, _ = collate(table, indices, pad_id)
+    for indices in budget_batches(padded, max_batch_tokens):
+        tokens, lengths, _ = collate(table, indices, pad_id, pad_to_multiple)
         with autocast(device):
             logits = label_logits(model, tokens.to(device), lengths.to(device), label_ids)
         p_true[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
