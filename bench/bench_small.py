@@ -4,9 +4,10 @@ ours:  load_llama (bf16 base), apply_lora, train.optim.AdamW, train.step.optimiz
 stack: transformers LlamaForCausalLM from the same folder in float32 under bf16 autocast, peft LoRA, torch AdamW
        (fused on CUDA), full-vocabulary LM loss on the last token, gradient clipping — the reference stack
 Rows are random tokens of one length (no padding), so padded and real tokens/s agree. One JSON line per
-configuration; `--compile` modes prototype torch.compile on our model (the product runs eagerly).
+configuration. `--compile` modes for ours: none (`run.py train`), blocks (`--compile`), cuda-graphs (`--cuda-graphs`),
+and two prototypes that compile the whole decoder as one graph; `--profile` adds the GPU's busy time per step.
 
-    python bench/bench_small.py --impl both --batch 16 32 --seq 256 512 --compile none blocks hidden
+    python bench/bench_small.py --impl both --batch 16 64 --seq 512 --compile none blocks cuda-graphs --profile
     python bench/bench_small.py --tiny --batch 2 --seq 32 --steps 2   # CPU smoke test
 """
 import argparse
@@ -17,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (clock, emit, env_info, peak_memory, pick_device, ratio, release,  # noqa: E402
@@ -32,7 +34,7 @@ from train.step import optimizer_step  # noqa: E402
 
 RANK = ALPHA = 64
 LR = 2e-4
-COMPILE_MODES = ("none", "blocks", "hidden", "hidden-cudagraphs")
+COMPILE_MODES = ("none", "blocks", "cuda-graphs", "hidden", "hidden-cudagraphs")
 
 
 def tiny_model(out_dir: Path) -> Path:
@@ -52,11 +54,11 @@ def tiny_model(out_dir: Path) -> Path:
 
 
 def compile_ours(model: Llama, mode: str) -> None:
-    """Prototypes of torch.compile on the decoder: per block (one graph reused by all blocks), or the whole
-    `hidden_states` in one graph, optionally replayed as CUDA graphs (mode="reduce-overhead")."""
-    if mode == "blocks":
-        for block in model.model.layers:
-            block.compile()
+    """torch.compile on the decoder: per block as `run.py train --compile` / `--cuda-graphs` do (one graph reused by
+    all blocks, replayed as CUDA graphs with the latter), or prototypes compiling the whole `hidden_states` in one
+    graph, optionally replayed as a CUDA graph (mode="reduce-overhead")."""
+    if mode in ("blocks", "cuda-graphs"):
+        model.compile_blocks(cuda_graphs=mode == "cuda-graphs")
     elif mode == "hidden":
         model.hidden_states = torch.compile(model.hidden_states)
     elif mode == "hidden-cudagraphs":
@@ -106,8 +108,20 @@ def stack_trainer(path: Path, device: torch.device):
     return model, step
 
 
-def measure(step, vocab_size: int, batch: int, seq: int, steps: int, warmup: int, device: torch.device) -> dict:
-    """Tokens/s over `steps` steps after `warmup` (compilation and CUDA-graph recording happen there)."""
+def gpu_busy_ms(step, tokens: torch.Tensor, steps: int, device: torch.device) -> float:
+    """GPU kernel time per step, from torch.profiler: the step's floor once host overhead is gone."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(tokens)
+        clock(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return round(sum(e.self_device_time_total for e in kernels) / 1e3 / steps, 2)
+
+
+def measure(step, vocab_size: int, batch: int, seq: int, steps: int, warmup: int, device: torch.device,
+            with_profile: bool = False) -> dict:
+    """Tokens/s over `steps` steps after `warmup` (compilation and CUDA-graph recording happen there); with
+    `with_profile`, also the GPU kernel time per step over as many more steps."""
     tokens = torch.randint(0, vocab_size, (batch, seq), device=device)
     reset_peak(device)
     try:
@@ -117,10 +131,11 @@ def measure(step, vocab_size: int, batch: int, seq: int, steps: int, warmup: int
         for _ in range(steps):
             step(tokens)
         seconds = clock(device) - start
+        busy = {"gpu_busy_ms": gpu_busy_ms(step, tokens, steps, device)} if with_profile else {}
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory", **peak_memory(device)}
     return {"tokens_per_s": round(batch * seq * steps / seconds), "step_ms": round(1000 * seconds / steps, 2),
-            **peak_memory(device)}
+            **busy, **peak_memory(device)}
 
 
 def main() -> None:
@@ -132,6 +147,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens there)")
     parser.add_argument("--compile", nargs="+", choices=COMPILE_MODES, default=["none"],
                         help="torch.compile modes for ours, each measured separately")
+    parser.add_argument("--profile", action="store_true", help="also report GPU kernel time per step (CUDA only)")
     parser.add_argument("--model", help="HF-layout Llama folder (default: the converted SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="a random two-block model: a CPU smoke test")
     args = parser.parse_args()
@@ -149,7 +165,8 @@ def main() -> None:
             torch.manual_seed(0)
             model, step = stack_trainer(path, device) if impl == "stack" else ours_trainer(path, device, mode)
             for batch, seq in shapes:
-                result = measure(step, vocab_size, batch, seq, args.steps, args.warmup, device)
+                result = measure(step, vocab_size, batch, seq, args.steps, args.warmup, device,
+                                 args.profile and device.type == "cuda")
                 record = {"impl": impl, "compile": mode, "batch": batch, "seq": seq, "steps": args.steps, **result,
                           "trainable_params": trainable_parameters(model),
                           "loss": "lm (full vocabulary)" if impl == "stack" else "classifier (two label tokens)"}
