@@ -126,14 +126,14 @@ def train(args: Namespace) -> Path:
         flags = read_json(run_dir / "config.json", f"--resume {run_dir}: no run there (config.json missing)")
         args = Namespace(**{**flags, "resume": str(run_dir)})
     template = get_template(args.template)
+    device = pick_device()
+    cuda_graphs = getattr(args, "cuda_graphs", False)  # runs saved before the flag existed lack it
+    if cuda_graphs:  # before the table is read: a flag mistake should not wait on a million rows
+        check_cuda_graphs(args, device)
     data_path = Path(args.data) if args.data else DEFAULT_DATA_DIR / "train.csv"
     df = read_table(data_path, split="train", template=template, skip_bad_rows=args.skip_bad_rows)
     if not args.resume:
         run_dir = new_run_dir(args.out)
-    device = pick_device()
-    cuda_graphs = getattr(args, "cuda_graphs", False)  # runs saved before the flag existed lack it
-    if cuda_graphs:
-        check_cuda_graphs(args, device)
     torch.manual_seed(args.seed)
 
     setup = load_base(args, device, template)
