@@ -86,20 +86,27 @@ def test_params_whose_grad_is_none_are_skipped():
     assert optimizer.state[ours[1]]["step"] == 15
 
 
-def test_bf16_params_keep_float32_moments_and_math():
-    ours = make_params(torch.bfloat16)
+def step_beside_float32_reference(ours, steps):
+    """(our optimizer, torch's, its float32 parameters) after `steps` steps on the same gradients; after each step
+    the reference parameters are rounded to what ours can hold, so only the update's own rounding differs."""
     theirs = [torch.nn.Parameter(p.detach().float()) for p in ours]  # same values, float32
     optimizer = AdamW(ours, **HYPER)
     reference = torch.optim.AdamW(theirs, **HYPER)
-    for step in range(20):
+    for step in range(steps):
         set_grads(ours, step)
         for p, q in zip(theirs, ours):
             p.grad = q.grad.float()
         optimizer.step()
         reference.step()
-        with torch.no_grad():  # the reference keeps what a bf16 parameter can hold
-            for p in theirs:
-                p.copy_(p.bfloat16().float())
+        with torch.no_grad():
+            for p, q in zip(theirs, ours):
+                p.copy_(p.to(q.dtype).float())
+    return optimizer, reference, theirs
+
+
+def test_bf16_params_keep_float32_moments_and_math():
+    ours = make_params(torch.bfloat16)
+    optimizer, reference, theirs = step_beside_float32_reference(ours, 20)
     for p, q in zip(ours, theirs):
         assert p.dtype == torch.bfloat16
         state, ref_state = optimizer.state[p], reference.state[q]
@@ -129,18 +136,7 @@ def test_load_state_dict_keeps_float32_moments_for_bf16_params():
 def test_float32_and_bf16_params_in_one_group_each_match_their_reference():
     # The float32 parameters take the fused kernel, the bf16 ones the foreach passes: one step must give both.
     ours = make_params()[:2] + make_params(torch.bfloat16)[2:]
-    theirs = [torch.nn.Parameter(p.detach().float()) for p in ours]
-    optimizer = AdamW(ours, **HYPER)
-    reference = torch.optim.AdamW(theirs, **HYPER)
-    for step in range(3):
-        set_grads(ours, step)
-        for p, q in zip(theirs, ours):
-            p.grad = q.grad.float()
-        optimizer.step()
-        reference.step()
-        with torch.no_grad():
-            for p, q in zip(theirs, ours):
-                p.copy_(p.to(q.dtype).float())
+    _, _, theirs = step_beside_float32_reference(ours, 3)
     assert max_abs_diff(ours[:2], theirs[:2]) <= 1e-6
     assert max_abs_diff(ours[2:], theirs[2:]) <= 2**-7 * max(p.abs().max().item() for p in theirs[2:]) + 1e-6
 
