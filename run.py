@@ -73,10 +73,11 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
                     help="two-class loss on the label tokens, or the full-vocabulary LM loss")
     tr.add_argument("--grad-checkpoint", nargs="?", const=True, default=False, type=positive(int), metavar="N",
                     help="recompute blocks in the backward pass to save memory: all of them, or the first N")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the blocks (pays off for small models on a GPU)")
+    tr.add_argument("--compile", action="store_true",
+                    help="torch.compile the blocks (pays off on a GPU); batches pad to multiples of 64 tokens")
     tr.add_argument("--cuda-graphs", action="store_true",
-                    help="--compile and replay the blocks as CUDA graphs, batches padded to multiples of 64 tokens "
-                         "(small models on a GPU, with --quant none)")
+                    help="--compile, and replay each micro-batch's forward and backward as one CUDA graph "
+                         "(one per shape: batches pad to multiples of 64 tokens)")
     tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
     tr.add_argument("--eval-batch-tokens", type=positive(int),
                     help="token budget of an eval batch (default 32768 on CUDA, 2048 on CPU)")

@@ -125,23 +125,16 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.grad_checkpoint: bool | int = False  # True: recompute every block in backward; N: the first N
-        self.cuda_graphs = False
 
-    def compile_blocks(self, cuda_graphs: bool = False) -> None:
-        """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU.
-
-        With `cuda_graphs`, each block's forward and backward are also replayed as CUDA graphs, one recorded per
-        input shape: for small models, whose steps otherwise wait on the host launching kernels."""
+    def compile_blocks(self) -> None:
+        """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU."""
         for block in self.model.layers:
-            block.compile(mode="reduce-overhead" if cuda_graphs else None)
-        self.cuda_graphs = cuda_graphs
+            block.compile()
 
     def hidden_states(self, tokens: Tensor, last: Tensor | None = None) -> Tensor:
         """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]; with `last` [B], only those
         at each row's position `last`, [B, D]: then the final block skips every other position's query,
         attention output and MLP, which nothing downstream reads."""
-        if self.cuda_graphs:  # a new pass: the graphs may now overwrite the outputs of the last one
-            torch.compiler.cudagraph_mark_step_begin()
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, tokens.shape[1], x.dtype)
         n_recomputed = len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint)

@@ -25,10 +25,10 @@ from train.optim import AdamW
 from train.plots import plot_run
 from train.predict import predict_p_true
 from train.schedule import lr_at, total_steps
-from train.step import optimizer_step
+from train.step import graphed_backward, optimizer_step
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
-CUDA_GRAPH_PAD = 64  # with --cuda-graphs batches pad to a multiple of this, so few shapes get recorded
+COMPILED_PAD = 64  # compiled runs pad batches to a multiple of this: each new shape costs a compilation or a recording
 OOM_HINT = ("lower --batch-size (raising --grad-accum keeps the effective batch), add --grad-checkpoint, "
             "or lower --max-len")
 
@@ -110,15 +110,6 @@ def new_run_dir(out: str | None) -> Path:
     return run_dir
 
 
-def check_cuda_graphs(args: Namespace, device: torch.device) -> None:
-    if device.type != "cuda":
-        raise UserError("--cuda-graphs needs a CUDA GPU")
-    if args.quant != "none":
-        raise UserError("--cuda-graphs needs --quant none (it is tested with a bf16 base, not with 4-bit layers)")
-    if args.grad_checkpoint:
-        raise UserError("--cuda-graphs does not combine with --grad-checkpoint (not tested together)")
-
-
 def train(args: Namespace) -> Path:
     """Fine-tunes LoRA adapters for the two-class judgement; returns the run folder."""
     if args.resume:
@@ -128,8 +119,8 @@ def train(args: Namespace) -> Path:
     template = get_template(args.template)
     device = pick_device()
     cuda_graphs = getattr(args, "cuda_graphs", False)  # runs saved before the flag existed lack it
-    if cuda_graphs:  # before the table is read: a flag mistake should not wait on a million rows
-        check_cuda_graphs(args, device)
+    if cuda_graphs and device.type != "cuda":  # before the table is read, which may take minutes
+        raise UserError("--cuda-graphs needs a CUDA GPU")
     data_path = Path(args.data) if args.data else DEFAULT_DATA_DIR / "train.csv"
     df = read_table(data_path, split="train", template=template, skip_bad_rows=args.skip_bad_rows)
     if not args.resume:
@@ -151,10 +142,11 @@ def train(args: Namespace) -> Path:
     model = apply_lora(setup.model, args.rank, args.alpha, dropout=args.lora_dropout, layers=top_blocks)
     model.grad_checkpoint = args.grad_checkpoint
     if args.compile or cuda_graphs:
-        model.compile_blocks(cuda_graphs)
-    pad_to = CUDA_GRAPH_PAD if cuda_graphs else 1
+        model.compile_blocks()
+    pad_to = COMPILED_PAD if args.compile or cuda_graphs else 1
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    graphs = graphed_backward(model, params, setup.label_ids, args.loss) if cuda_graphs else None
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
     files = {name: run_dir / name for name in ("metrics.jsonl", "checkpoint", "adapter", "adapter_best")}
 
@@ -191,7 +183,7 @@ def train(args: Namespace) -> Path:
                                                             pad_to)] for _ in range(args.grad_accum)]
             tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in micro_batches)
             loss, grad_norm = optimizer_step(model, optimizer, micro_batches, setup.label_ids, args.loss,
-                                             args.max_grad_norm)
+                                             args.max_grad_norm, graphs)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise UserError(f"{what} at step {step + 1}; the last good checkpoint is in "
