@@ -4,8 +4,10 @@ ours:  load_llama (bf16 base), apply_lora, train.optim.AdamW, train.step.optimiz
 stack: transformers LlamaForCausalLM from the same folder in float32 under bf16 autocast, peft LoRA, torch AdamW
        (fused on CUDA), full-vocabulary LM loss on the last token, gradient clipping — the reference stack
 Rows are random tokens of one length (no padding), so padded and real tokens/s agree. One JSON line per
-configuration. `--compile` modes for ours: none (`run.py train`), blocks (`--compile`), cuda-graphs (`--cuda-graphs`),
-and two prototypes that compile the whole decoder as one graph; `--profile` adds the GPU's busy time per step.
+configuration. `--compile` modes for ours: none (`run.py train`), blocks (`--compile`), cuda-graphs (`--cuda-graphs`:
+compiled blocks, each micro-batch's forward and backward replayed as one CUDA graph), graphs (the same graphs over
+uncompiled blocks), and two prototypes that compile the whole decoder as one graph (the second replayed as CUDA
+graphs by torch.compile's mode="reduce-overhead"); `--profile` adds the GPU's busy time per step.
 
     python bench/bench_small.py --impl both --batch 16 64 --seq 512 --compile none blocks cuda-graphs --profile
     python bench/bench_small.py --tiny --batch 2 --seq 32 --steps 2   # CPU smoke test
@@ -30,11 +32,11 @@ from model.default import default_model_path  # noqa: E402
 from model.tokenizer import BPE_FILE  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
-from train.step import optimizer_step  # noqa: E402
+from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 RANK = ALPHA = 64
 LR = 2e-4
-COMPILE_MODES = ("none", "blocks", "cuda-graphs", "hidden", "hidden-cudagraphs")
+COMPILE_MODES = ("none", "blocks", "cuda-graphs", "graphs", "hidden", "hidden-cudagraphs")
 
 
 def tiny_model(out_dir: Path) -> Path:
@@ -55,10 +57,10 @@ def tiny_model(out_dir: Path) -> Path:
 
 def compile_ours(model: Llama, mode: str) -> None:
     """torch.compile on the decoder: per block as `run.py train --compile` / `--cuda-graphs` do (one graph reused by
-    all blocks, replayed as CUDA graphs with the latter), or prototypes compiling the whole `hidden_states` in one
-    graph, optionally replayed as a CUDA graph (mode="reduce-overhead")."""
+    all blocks), or prototypes compiling the whole `hidden_states` in one graph, optionally replayed as a CUDA graph
+    (mode="reduce-overhead")."""
     if mode in ("blocks", "cuda-graphs"):
-        model.compile_blocks(cuda_graphs=mode == "cuda-graphs")
+        model.compile_blocks()
     elif mode == "hidden":
         model.hidden_states = torch.compile(model.hidden_states)
     elif mode == "hidden-cudagraphs":
@@ -71,9 +73,11 @@ def ours_trainer(path: Path, device: torch.device, compile_mode: str):
     model = apply_lora(load_llama(path, dtype=dtype, device=device), RANK, ALPHA, verbose=False)
     compile_ours(model, compile_mode)
     model.train()
-    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdamW(params, lr=LR)
     true_id, false_id = label_token_ids(get_template("with_solution"), load_tokenizer(path))
     label_ids = torch.tensor([false_id, true_id], device=device)
+    graphs = graphed_backward(model, params, label_ids) if compile_mode in ("cuda-graphs", "graphs") else None
 
     def step(tokens: torch.Tensor) -> None:
         if compile_mode == "hidden-cudagraphs":
@@ -81,7 +85,7 @@ def ours_trainer(path: Path, device: torch.device, compile_mode: str):
         batch, seq = tokens.shape
         lengths = torch.full((batch,), seq, device=device)
         labels = torch.randint(0, 2, (batch,), device=device)
-        optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids)
+        optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids, graphs=graphs)
     return model, step
 
 

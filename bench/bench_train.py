@@ -8,7 +8,7 @@ full-vocabulary LM loss under bf16 autocast and torch.optim.AdamW. Both clip gra
 Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; without, >= 2.5x at <= half its peak.
 
     python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
-        [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5]
+        [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5] [--compile] [--cuda-graphs]
 """
 import sys
 from collections.abc import Callable
@@ -24,7 +24,7 @@ from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
-from train.step import optimizer_step  # noqa: E402
+from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 LABEL_IDS = (837, 3082)  # any two fixed token ids serve as (False, True) on random weights
 LR = 2e-4
@@ -47,16 +47,21 @@ def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, to
     if args.compile:
         model.compile_blocks()
     model.train()
-    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdamW(params, lr=LR, weight_decay=0.0)
     label_ids = torch.tensor(LABEL_IDS, device=device)
+    graphs = None
 
     def set_checkpointing(on: bool | int) -> None:
+        nonlocal graphs
         model.grad_checkpoint = on
+        if args.cuda_graphs:  # graphs recorded before hold the other mode's pass
+            graphs = graphed_backward(model, params, label_ids)
 
     def step(tokens: torch.Tensor) -> float:
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=device)
         labels = torch.randint(0, 2, (tokens.shape[0],), device=device)
-        return optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids)[0]
+        return optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids, graphs=graphs)[0]
 
     return set_checkpointing, step, optimizer, trainable_parameters(model)
 
@@ -109,6 +114,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="untimed steps per config, counted for peak memory (default 2; 1 --tiny)")
     p.add_argument("--steps", type=int, help="timed steps per config (default 5; 1 with --tiny)")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each block (run.py train --compile)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="ours: replay each step's forward and backward as a CUDA graph (run.py train's CUDA-graph path)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=64)
     args = p.parse_args()
@@ -120,7 +127,8 @@ def main() -> None:
     vocab = LlamaConfig.from_json(path / "config.json").vocab_size
     torch.manual_seed(args.seed)
 
-    record = {"bench": "train", "checkpoint": str(path), "device": str(device), "compile": args.compile, "rank": args.rank,
+    record = {"bench": "train", "checkpoint": str(path), "device": str(device), "compile": args.compile,
+              "cuda_graphs": args.cuda_graphs, "rank": args.rank,
               "alpha": args.alpha, "warmup": args.warmup, "steps": args.steps}
     for impl in implementations(args):
         set_checkpointing, step, optimizer, trainable = (ours if impl == "ours" else stack)(path, device, args)
