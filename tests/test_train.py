@@ -18,6 +18,7 @@ from data.errors import UserError
 from data.synthetic import generate
 from lora import apply_lora
 from model import load_llama
+from model.llama import Llama
 from train.objective import label_logits, loss_sum
 
 
@@ -221,6 +222,21 @@ def test_scores_are_the_same_with_batches_padded_to_a_multiple(tiny_checkpoint):
     plain = predict_p_true(model, table, label_ids, 0, 80, device)
     padded = predict_p_true(model, table, label_ids, 0, 80, device, pad_to_multiple=16)
     torch.testing.assert_close(torch.from_numpy(padded), torch.from_numpy(plain), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, multiple", [((), 1), (("--compile",), 64)])
+def test_compiled_runs_pad_training_and_evaluation_batches(tiny_llama3, tables, tmp_path, monkeypatch, flags, multiple):
+    # Each new batch shape costs a compiled run a compilation; padding to multiples of 64 keeps the shapes few.
+    widths, real_hidden_states = [], Llama.hidden_states
+
+    def recording_hidden_states(self, tokens, last=None):
+        widths.append(tokens.shape[1])
+        return real_hidden_states(self, tokens, last)
+    monkeypatch.setattr(Llama, "compile_blocks", lambda self: None)  # inductor on the CPU takes a minute
+    monkeypatch.setattr(Llama, "hidden_states", recording_hidden_states)
+    train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
+    assert widths and all(width % multiple == 0 for width in widths)
+    assert multiple == 64 or any(width % 64 for width in widths)  # the plain run does not pad
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
