@@ -193,15 +193,21 @@ def test_label_file_is_read_by_id_and_checked(tmp_path):
         read_label_file(tmp_path / "missing.csv", ids)
 
 
-def test_default_scoring_budget_fits_a_row_longer_than_the_cpu_budget(tiny_checkpoint):
+def random_rows(lengths: list[int]):
+    """A tokenized table of random ids with rows of the given lengths and no labels."""
     from data import Tokenized
+
+    ids = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(0)).numpy().astype("int32")
+    offsets = torch.tensor([0] + lengths).cumsum(0).numpy()
+    return Tokenized(ids=ids, offsets=offsets, labels=None, truncated=offsets[:0])
+
+
+def test_default_scoring_budget_fits_a_row_longer_than_the_cpu_budget(tiny_checkpoint):
     from train.predict import default_batch_tokens, predict_p_true
 
     model = load_llama(tiny_checkpoint, dtype=torch.float32, device="cpu")
     lengths = [default_batch_tokens(torch.device("cpu")) + 5, 7, 300]
-    ids = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(0)).numpy().astype("int32")
-    offsets = torch.tensor([0] + lengths).cumsum(0).numpy()
-    table = Tokenized(ids=ids, offsets=offsets, labels=None, truncated=offsets[:0])
+    table = random_rows(lengths)
     label_ids, device = torch.tensor([3, 4]), torch.device("cpu")
     by_default = predict_p_true(model, table, label_ids, 0, None, device)
     explicit = predict_p_true(model, table, label_ids, 0, max(lengths), device)
@@ -210,14 +216,10 @@ def test_default_scoring_budget_fits_a_row_longer_than_the_cpu_budget(tiny_check
 
 
 def test_scores_are_the_same_with_batches_padded_to_a_multiple(tiny_checkpoint):
-    from data import Tokenized
     from train.predict import predict_p_true
 
     model = load_llama(tiny_checkpoint, dtype=torch.float32, device="cpu")
-    lengths = [5, 17, 9, 64, 3]
-    ids = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(0)).numpy().astype("int32")
-    offsets = torch.tensor([0] + lengths).cumsum(0).numpy()
-    table = Tokenized(ids=ids, offsets=offsets, labels=None, truncated=offsets[:0])
+    table = random_rows([5, 17, 9, 64, 3])
     label_ids, device = torch.tensor([3, 4]), torch.device("cpu")
     plain = predict_p_true(model, table, label_ids, 0, 80, device)
     padded = predict_p_true(model, table, label_ids, 0, 80, device, pad_to_multiple=16)

@@ -141,9 +141,10 @@ def train(args: Namespace) -> Path:
     top_blocks = list(range(max(0, n_blocks - args.lora_layers), n_blocks)) if args.lora_layers else None
     model = apply_lora(setup.model, args.rank, args.alpha, dropout=args.lora_dropout, layers=top_blocks)
     model.grad_checkpoint = args.grad_checkpoint
-    if args.compile or cuda_graphs:
+    compiled = args.compile or cuda_graphs
+    if compiled:
         model.compile_blocks()
-    pad_to = COMPILED_PAD if args.compile or cuda_graphs else 1
+    pad_to = COMPILED_PAD if compiled else 1
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     graphs = graphed_backward(model, params, setup.label_ids, args.loss) if cuda_graphs else None
