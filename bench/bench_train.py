@@ -5,11 +5,17 @@ activation checkpointing) on random tokens: warmup steps, then timed steps; a co
 reported as "oom". Ours trains the two-class loss (train.step.optimizer_step, train.optim.AdamW); the stack, as the
 reference report did, runs peft.prepare_model_for_kbit_training, LoRA on the seven projections, the
 full-vocabulary LM loss under bf16 autocast and torch.optim.AdamW. Both clip gradients at norm 1.
+--stack-autocast off (or both) also times the stack without autocast: prepare_model_for_kbit_training leaves the
+embeddings, norms and LoRA weights in fp32, so then the residual stream, attention and LoRA matmuls run in fp32
+(results keyed "BxT:mode:no-autocast").
 Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; without, >= 2.5x at <= half its peak.
 
     python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
         [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5] [--compile] [--cuda-graphs]
+        [--stack-autocast on|off|both]
 """
+import contextlib
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -82,8 +88,8 @@ def stack(path: Path, device: torch.device, args) -> tuple[Callable, Callable, t
         else:
             hf_model.gradient_checkpointing_disable()
 
-    def step(tokens: torch.Tensor) -> float:
-        with autocast(device):
+    def step(tokens: torch.Tensor, mixed_precision: bool = True) -> float:
+        with autocast(device) if mixed_precision else contextlib.nullcontext():
             loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -92,6 +98,14 @@ def stack(path: Path, device: torch.device, args) -> tuple[Callable, Callable, t
         return loss.item()
 
     return set_checkpointing, step, optimizer, trainable_parameters(model)
+
+
+def variants(impl: str, config: str, step: Callable, stack_autocast: str) -> list[tuple[str, Callable]]:
+    """(result key, step) pairs to time for one config: ours once; the stack with, without or both ways autocast."""
+    if impl == "ours":
+        return [(config, step)]
+    runs = {"on": [True], "off": [False], "both": [True, False]}[stack_autocast]
+    return [(config if on else f"{config}:no-autocast", functools.partial(step, mixed_precision=on)) for on in runs]
 
 
 def run_config(step: Callable, batch: int, seq: int, vocab: int, device: torch.device, args) -> dict:
@@ -107,6 +121,23 @@ def run_config(step: Callable, batch: int, seq: int, vocab: int, device: torch.d
             "loss": round(loss, 4), **peak_memory(device)}
 
 
+def run_implementation(impl: str, path: Path, device: torch.device, vocab: int, configs: list[str], args) -> dict:
+    set_checkpointing, step, optimizer, trainable = (ours if impl == "ours" else stack)(path, device, args)
+    results = {"trainable_parameters": trainable}
+    for config in configs:
+        batch, seq, checkpointing = parse_config(config)
+        set_checkpointing(checkpointing)
+        for name, run_step in variants(impl, config, step, args.stack_autocast):
+            try:
+                results[name] = run_config(run_step, batch, seq, vocab, device, args)
+            except torch.OutOfMemoryError:
+                results[name] = {"tokens_per_s": None, "oom": True, **peak_memory(device)}
+                optimizer.zero_grad(set_to_none=True)  # drop the gradients a failed backward left behind
+            release(device)
+            print(f"{impl} {name}: {results[name]}", file=sys.stderr)
+    return results
+
+
 def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--configs", help="comma-separated BxT:ckpt|nockpt (default: the reference report's four; "
@@ -116,6 +147,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each block (run.py train --compile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="ours: replay each step's forward and backward as a CUDA graph (run.py train's CUDA-graph path)")
+    p.add_argument("--stack-autocast", choices=("on", "off", "both"), default="on",
+                   help="time the stack under bf16 autocast (on), without it (off), or both")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=64)
     args = p.parse_args()
@@ -131,28 +164,15 @@ def main() -> None:
               "cuda_graphs": args.cuda_graphs, "rank": args.rank,
               "alpha": args.alpha, "warmup": args.warmup, "steps": args.steps}
     for impl in implementations(args):
-        set_checkpointing, step, optimizer, trainable = (ours if impl == "ours" else stack)(path, device, args)
-        results = {"trainable_parameters": trainable}
-        for config in configs:
-            batch, seq, checkpointing = parse_config(config)
-            set_checkpointing(checkpointing)
-            try:
-                results[config] = run_config(step, batch, seq, vocab, device, args)
-            except torch.OutOfMemoryError:
-                results[config] = {"tokens_per_s": None, "oom": True, **peak_memory(device)}
-                optimizer.zero_grad(set_to_none=True)  # drop the gradients a failed backward left behind
-            release(device)
-            print(f"{impl} {config}: {results[config]}", file=sys.stderr)
-        record[impl] = results
-        del set_checkpointing, step, optimizer
-        release(device)
+        record[impl] = run_implementation(impl, path, device, vocab, configs, args)
+        release(device)  # the model died with run_implementation's frame: the next one starts from an empty GPU
     if "stack" in record and "ours" in record:
         ours_results, stack_results = record["ours"], record["stack"]
         record["ratios_ours_to_stack"] = {
-            config: {"tokens_per_s": ratio(ours_results[config]["tokens_per_s"], stack_results[config]["tokens_per_s"]),
-                     "peak_allocated": ratio(ours_results[config]["peak_allocated_gb"],
-                                             stack_results[config]["peak_allocated_gb"])}
-            for config in configs}
+            name: {"tokens_per_s": ratio(ours_results[config]["tokens_per_s"], stack_results[name]["tokens_per_s"]),
+                   "peak_allocated": ratio(ours_results[config]["peak_allocated_gb"],
+                                           stack_results[name]["peak_allocated_gb"])}
+            for config in configs for name in stack_results if name.removesuffix(":no-autocast") == config}
     emit({**record, **env_info()})
 
 
