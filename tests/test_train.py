@@ -2,6 +2,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -239,6 +240,28 @@ def test_compiled_runs_pad_training_and_evaluation_batches(tiny_llama3, tables, 
     train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
     assert widths and all(width % multiple == 0 for width in widths)
     assert multiple == 64 or any(width % 64 for width in widths)  # the plain run does not pad
+
+
+@pytest.mark.parametrize("flags, steps_without_cudnn", [((), 6), (("--compile",), 0)])
+def test_eager_steps_avoid_cudnn_attention_and_compiled_ones_keep_it(tiny_llama3, tables, tmp_path, monkeypatch, flags,
+                                                                     steps_without_cudnn):
+    # Eager batches each take a new shape, for which cuDNN would build a plan; compiled runs pad to few shapes.
+    devices = []
+    monkeypatch.setattr(Llama, "compile_blocks", lambda self: None)
+    monkeypatch.setattr(train.loop, "attention_without_cudnn", lambda device: devices.append(device) or nullcontext())
+    train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
+    assert len(devices) == steps_without_cudnn
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the attention backends are CUDA's")
+def test_attention_without_cudnn_turns_off_only_cudnn_and_restores_it():
+    from train.predict import attention_without_cudnn
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_without_cudnn(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")

@@ -1,4 +1,5 @@
 """The training loop: accumulation, autocast, clipping, evaluation, checkpoints and resume."""
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from train.checkpoint import load_checkpoint, save_checkpoint
 from train.metrics import binary_metrics
 from train.optim import AdamW
 from train.plots import plot_run
-from train.predict import predict_p_true
+from train.predict import attention_without_cudnn, predict_p_true
 from train.schedule import lr_at, total_steps
 from train.step import graphed_backward, optimizer_step
 
@@ -183,8 +184,10 @@ def train(args: Namespace) -> Path:
             micro_batches = [[t.to(device) for t in collate(train_table, next(stream), setup.tokenizer.pad_id,
                                                             pad_to)] for _ in range(args.grad_accum)]
             tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in micro_batches)
-            loss, grad_norm = optimizer_step(model, optimizer, micro_batches, setup.label_ids, args.loss,
-                                             args.max_grad_norm, graphs)
+            # each eager batch has a shape of its own, for which cuDNN attention would first build a plan
+            with contextlib.nullcontext() if compiled else attention_without_cudnn(device):
+                loss, grad_norm = optimizer_step(model, optimizer, micro_batches, setup.label_ids, args.loss,
+                                                 args.max_grad_norm, graphs)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 raise UserError(f"{what} at step {step + 1}; the last good checkpoint is in "

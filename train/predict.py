@@ -4,6 +4,7 @@ import contextlib
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data import Tokenized, budget_batches, collate, padded_length
 from train.objective import label_logits
@@ -13,6 +14,16 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; plain float32 elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def attention_without_cudnn(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, scaled_dot_product_attention restricted to its flash, memory-efficient and math kernels. For batches
+    whose shape keeps changing (eager training and scoring: each batch is padded to its own longest row), cuDNN's
+    kernel costs more than it saves: it builds an execution plan for every new shape, about 80 ms of host time
+    for the forward pass and as much for the backward on an H100 (bench/RESULTS.md)."""
+    if device.type == "cuda":
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     return contextlib.nullcontext()
 
 
@@ -37,7 +48,7 @@ def predict_p_true(model: nn.Module, table: Tokenized, label_ids: torch.Tensor, 
     p_true = np.empty(len(table), dtype=np.float32)
     for indices in budget_batches(padded, max_batch_tokens):
         tokens, lengths, _ = collate(table, indices, pad_id, pad_to_multiple)
-        with autocast(device):
+        with autocast(device), attention_without_cudnn(device):
             logits = label_logits(model, tokens.to(device), lengths.to(device), label_ids)
         p_true[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
         if progress is not None:
