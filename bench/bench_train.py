@@ -7,7 +7,7 @@ reference report did, runs peft.prepare_model_for_kbit_training, LoRA on the sev
 full-vocabulary LM loss under bf16 autocast and torch.optim.AdamW. Both clip gradients at norm 1.
 --stack-autocast off (or both) also times the stack without autocast: prepare_model_for_kbit_training leaves the
 embeddings, norms and LoRA weights in fp32, so then the residual stream, attention and LoRA matmuls run in fp32
-(results keyed "BxT:mode:no-autocast").
+(results keyed "BxT:mode:no-autocast"); that is how the stack figures of the issue and the GUIDE were taken.
 Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; without, >= 2.5x at <= half its peak.
 
     python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
