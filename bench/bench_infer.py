@@ -3,7 +3,7 @@
 The table has 10,000 rows of random token ids whose lengths are drawn (with replacement) from the Llama-3 token
 counts of ../shared/data/gsm8k_verify/dev.csv under the with_solution template. Both models are the 4-bit
 checkpoint with a fresh LoRA (B = 0) on the seven projections. Ours runs train.predict.predict_p_true with
-token-budget batches, for each budget given; the stack runs batches of 32 rows in input order, left-padded with
+token-budget batches, for each budget given, and attention without cuDNN, as `run.py infer` does; the stack runs batches of 32 rows in input order, left-padded with
 an attention mask, last position only (logits_to_keep=1). P(True) comes from the same two label-token logits.
 Target: >= 1.5x the stack's rows/s, same predictions.
 
@@ -22,7 +22,7 @@ from bench.common import (DEV_CSV, checkpoint_path, clock, emit, env_info, imple
 from data import Tokenized, get_template, label_token_ids, read_table, tokenize_table  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama, load_tokenizer  # noqa: E402
-from train.predict import autocast, predict_p_true  # noqa: E402
+from train.predict import attention_without_cudnn, autocast, predict_p_true  # noqa: E402
 
 WARMUP_ROWS = 64
 
@@ -45,6 +45,13 @@ def realistic_table(tokenizer, rows: int, vocab_size: int, seed: int) -> Tokeniz
     ids = rng.integers(0, vocab_size, size=offsets[-1], dtype=np.int32)
     ids[offsets[:-1]] = tokenizer.bos_id
     return Tokenized(ids, offsets, None, np.zeros(0, dtype=np.int64))
+
+
+def ours_p_true(model: torch.nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int, budget: int,
+                device: torch.device) -> np.ndarray:
+    """As `run.py infer` scores: token-budget batches, attention without cuDNN (every batch has its own shape)."""
+    with attention_without_cudnn(device):
+        return predict_p_true(model, table, label_ids, pad_id, budget, device)
 
 
 @torch.no_grad()
@@ -115,7 +122,7 @@ def main() -> None:
             record["ours"] = {}
             for budget in budgets:
                 predictions[budget], record["ours"][budget] = timed(
-                    lambda t: predict_p_true(model, t, label_ids, tokenizer.pad_id, budget, device), table, device)
+                    lambda t: ours_p_true(model, t, label_ids, tokenizer.pad_id, budget, device), table, device)
                 print(f"ours, budget {budget}: {record['ours'][budget]}", file=sys.stderr)
         else:
             model = load_stack(path, device)

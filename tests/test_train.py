@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import run
+import train.infer
 import train.loop
 import train.step
 from conftest import REPO, make_hf_checkpoint
@@ -242,15 +243,23 @@ def test_compiled_runs_pad_training_and_evaluation_batches(tiny_llama3, tables, 
     assert multiple == 64 or any(width % 64 for width in widths)  # the plain run does not pad
 
 
-@pytest.mark.parametrize("flags, steps_without_cudnn", [((), 6), (("--compile",), 0)])
-def test_eager_steps_avoid_cudnn_attention_and_compiled_ones_keep_it(tiny_llama3, tables, tmp_path, monkeypatch, flags,
-                                                                     steps_without_cudnn):
+@pytest.mark.parametrize("flags, passes_without_cudnn", [((), 6 + 2), (("--compile",), 0)])
+def test_eager_runs_avoid_cudnn_attention_and_compiled_ones_keep_it(tiny_llama3, tables, tmp_path, monkeypatch, flags,
+                                                                    passes_without_cudnn):
     # Eager batches each take a new shape, for which cuDNN would build a plan; compiled runs pad to few shapes.
+    # train_args runs 6 steps and evaluates twice; then infer scores a table once.
     devices = []
+
+    def record(device):
+        devices.append(device)
+        return nullcontext()
     monkeypatch.setattr(Llama, "compile_blocks", lambda self: None)
-    monkeypatch.setattr(train.loop, "attention_without_cudnn", lambda device: devices.append(device) or nullcontext())
-    train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
-    assert len(devices) == steps_without_cudnn
+    monkeypatch.setattr(train.loop, "attention_without_cudnn", record)
+    monkeypatch.setattr(train.infer, "attention_without_cudnn", record)
+    run_dir = train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
+    assert len(devices) == passes_without_cudnn
+    assert run.main(["infer", "--run", str(run_dir), "--data", str(tables[1]), "--out", str(tmp_path / "sub.csv")]) == 0
+    assert len(devices) == passes_without_cudnn + 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the attention backends are CUDA's")

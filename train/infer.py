@@ -15,7 +15,7 @@ from model.default import cache_dir
 from model.files import read_json
 from train.loop import DEFAULT_DATA_DIR, load_base, pick_device, write_json
 from train.metrics import binary_metrics
-from train.predict import predict_p_true
+from train.predict import attention_without_cudnn, predict_p_true
 
 
 def newest_run(runs_dir: Path = Path("runs")) -> Path:
@@ -69,7 +69,8 @@ def infer(args: Namespace) -> Path:
     setup = load_base(flags, pick_device(), template)
     table = tokenize_table(df, setup.tokenizer, template, flags.max_len, cache_dir=cache_dir() / "tokens")
     model = load_adapter(setup.model, adapter_dir)
-    with tqdm(total=len(table), desc="infer", unit="row", dynamic_ncols=True) as bar:
+    with (tqdm(total=len(table), desc="infer", unit="row", dynamic_ncols=True) as bar,
+          attention_without_cudnn(setup.device)):  # every batch has a shape of its own
         p_true = predict_p_true(model, table, setup.label_ids, setup.tokenizer.pad_id, args.batch_tokens,
                                 setup.device, progress=bar)
 

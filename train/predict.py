@@ -48,7 +48,7 @@ def predict_p_true(model: nn.Module, table: Tokenized, label_ids: torch.Tensor, 
     p_true = np.empty(len(table), dtype=np.float32)
     for indices in budget_batches(padded, max_batch_tokens):
         tokens, lengths, _ = collate(table, indices, pad_id, pad_to_multiple)
-        with autocast(device), attention_without_cudnn(device):
+        with autocast(device):
             logits = label_logits(model, tokens.to(device), lengths.to(device), label_ids)
         p_true[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
         if progress is not None:
