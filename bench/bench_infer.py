@@ -3,8 +3,9 @@
 The table has 10,000 rows of random token ids whose lengths are drawn (with replacement) from the Llama-3 token
 counts of ../shared/data/gsm8k_verify/dev.csv under the with_solution template. Both models are the 4-bit
 checkpoint with a fresh LoRA (B = 0) on the seven projections. Ours runs train.predict.predict_p_true with
-token-budget batches, for each budget given, and attention without cuDNN, as `run.py infer` does; the stack runs batches of 32 rows in input order, left-padded with
-an attention mask, last position only (logits_to_keep=1). P(True) comes from the same two label-token logits.
+token-budget batches, for each budget given, and attention without cuDNN, as `run.py infer` does; the stack runs
+batches of 32 rows in input order, left-padded with an attention mask, last position only (logits_to_keep=1).
+P(True) comes from the same two label-token logits.
 Target: >= 1.5x the stack's rows/s, same predictions.
 
     python bench/bench_infer.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both] [--rows 10000]

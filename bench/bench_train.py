@@ -5,7 +5,7 @@ activation checkpointing) on random tokens: warmup steps, then timed steps; a co
 reported as "oom". Ours trains the two-class loss (train.step.optimizer_step, train.optim.AdamW); the stack, as the
 reference report did, runs peft.prepare_model_for_kbit_training, LoRA on the seven projections, the
 full-vocabulary LM loss under bf16 autocast and torch.optim.AdamW. Both clip gradients at norm 1.
---stack-autocast off (or both) also times the stack without autocast: prepare_model_for_kbit_training leaves the
+--stack-autocast off times the stack without autocast instead (both: each way): prepare_model_for_kbit_training leaves the
 embeddings, norms and LoRA weights in fp32, so then the residual stream, attention and LoRA matmuls run in fp32
 (results keyed "BxT:mode:no-autocast"); that is how the stack figures of the issue and the GUIDE were taken.
 Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; without, >= 2.5x at <= half its peak.
@@ -88,7 +88,7 @@ def stack(path: Path, device: torch.device, args) -> tuple[Callable, Callable, t
         else:
             hf_model.gradient_checkpointing_disable()
 
-    def step(tokens: torch.Tensor, mixed_precision: bool = True) -> float:
+    def step(tokens: torch.Tensor, mixed_precision: bool) -> float:
         with autocast(device) if mixed_precision else contextlib.nullcontext():
             loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
         loss.backward()

@@ -160,12 +160,12 @@ def train(args: Namespace) -> Path:
     def checkpoint() -> None:
         save_checkpoint(files["checkpoint"], model, optimizer, progress)
 
-    def attention() -> contextlib.AbstractContextManager:
+    def attention_backends() -> contextlib.AbstractContextManager:
         # each eager batch has a shape of its own, for which cuDNN attention would first build a plan
         return contextlib.nullcontext() if compiled else attention_without_cudnn(device)
 
     def evaluate() -> dict:
-        with attention():
+        with attention_backends():
             p_true = predict_p_true(model, val_table, setup.label_ids, setup.tokenizer.pad_id,
                                     args.eval_batch_tokens, device, pad_to_multiple=pad_to)
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
@@ -189,7 +189,7 @@ def train(args: Namespace) -> Path:
             micro_batches = [[t.to(device) for t in collate(train_table, next(stream), setup.tokenizer.pad_id,
                                                             pad_to)] for _ in range(args.grad_accum)]
             tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in micro_batches)
-            with attention():
+            with attention_backends():
                 loss, grad_norm = optimizer_step(model, optimizer, micro_batches, setup.label_ids, args.loss,
                                                  args.max_grad_norm, graphs)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
