@@ -186,9 +186,10 @@ def train(args: Namespace) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_started = time.perf_counter()
-            micro_batches = [[t.to(device) for t in collate(train_table, next(stream), setup.tokenizer.pad_id,
-                                                            pad_to)] for _ in range(args.grad_accum)]
-            tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in micro_batches)
+            batches = [collate(train_table, next(stream), setup.tokenizer.pad_id, pad_to)
+                       for _ in range(args.grad_accum)]
+            tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in batches)  # on the host: no device sync
+            micro_batches = [[t.to(device) for t in batch] for batch in batches]
             with attention_backends():
                 loss, grad_norm = optimizer_step(model, optimizer, micro_batches, setup.label_ids, args.loss,
                                                  args.max_grad_norm, graphs)
