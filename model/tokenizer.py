@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 
-from data.errors import UserError
+from common.errors import UserError
 
 BPE_FILE = "tokenizer_bpe.json"  # written by model.gguf.convert_gguf
 MODEL_FILE = "tokenizer.model"  # Llama-3 tiktoken ranks or Llama-2 sentencepiece

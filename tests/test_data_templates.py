@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from data import UserError, get_template, label_token_ids
+from common.errors import UserError
+from data import get_template, label_token_ids
 from data.templates import BUILTIN
 
 
@@ -21,6 +22,13 @@ class WordTokenizer:
                 word = ""
             word += char
         return [self.vocab.setdefault(w, len(self.vocab)) for w in words + [word] if w]
+
+
+class DummyPrefixTokenizer(WordTokenizer):
+    """Like sentencepiece's add_dummy_prefix: a space before the text, so " True" alone is "  True"."""
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return super().encode(" " + text)
 
 
 class ByteTokenizer:
@@ -84,6 +92,26 @@ def test_label_token_ids():
     true_id, false_id = label_token_ids(get_template("with_solution"), tokenizer)
     assert (true_id, false_id) == (tokenizer.vocab[" True"], tokenizer.vocab[" False"])
     assert true_id != false_id
+
+
+def test_label_ids_are_the_tokens_that_continue_the_prompt():
+    tokenizer, template = DummyPrefixTokenizer(), get_template("with_solution")
+    true_id, false_id = label_token_ids(template, tokenizer)
+    assert (true_id, false_id) == (tokenizer.vocab[" True"], tokenizer.vocab[" False"])
+    prompt = template.render(question="Q?", answer="42", solution="6*7=42")
+    assert tokenizer.encode(prompt + " True") == tokenizer.encode(prompt) + [true_id]
+
+
+def test_label_after_a_trailing_space_starts_a_new_token(tmp_path):
+    llama_models = pytest.importorskip("llama_models")
+    from pathlib import Path
+
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+    (tmp_path / "spaced.txt").write_text("Q: {question}\nA: {answer}\nCorrect: ")
+    true_id, false_id = label_token_ids(get_template(tmp_path / "spaced.txt"), tokenizer)
+    assert tokenizer.decode([true_id]) == "True" and tokenizer.decode([false_id]) == "False"
 
 
 def test_label_of_several_tokens_is_refused():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model.default
-from data.errors import UserError
+from common.errors import UserError
 from model import LlamaConfig, load_llama
 from model.default import INSTALL, default_model_path, packaged_gguf
 from model.gguf import _interleaved_to_halves, convert_gguf

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from data.errors import UserError
+from common.errors import UserError
 from lora import LoRALinear, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from model import load_llama, save_llama
 from model.checkpoint import PROJECTIONS

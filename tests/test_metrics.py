@@ -89,7 +89,7 @@ def test_rejects_malformed_inputs(p_true, labels):
 
 
 # train/plots.py draws these metrics; its tests live here beside them.
-from data.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from train.plots import plot_run, read_metrics  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sentencepiece
 
-from data.errors import UserError
+from common.errors import UserError
 from model.default import packaged_gguf
 from model.tokenizer import (BPE_FILE, BPE_FORMAT, SentencePieceTokenizer, TiktokenTokenizer,
                              check_runs_on_tiktoken, load_tokenizer)
@@ -145,6 +145,30 @@ def test_sentencepiece_model_is_recognised(sentencepiece_file):
     assert tokenizer.encode("7 + 5", bos=True, eos=True) == [reference.bos_id(), *reference.encode("7 + 5"),
                                                              reference.eos_id()]
     assert tokenizer.decode(tokenizer.encode("12 + 30 = 42")) == "12 + 30 = 42"
+
+
+def test_label_ids_with_a_dummy_prefix_continue_the_prompt(tmp_path):
+    """Llama-2's sentencepiece settings: a dummy-prefix space and spaces kept as written, so " True" alone is
+    "▁", "▁True"; after the prompt it is the one token "▁True"."""
+    from data import get_template, label_token_ids
+    from data.templates import BUILTIN
+
+    rows = [get_template(name).render(question=f"What is {a} + 3?", answer=str(a + 3 + a % 2), solution=f"{a}+3")
+            for name in BUILTIN for a in range(30)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([row + label for row in rows for label in (" True", " False")]), model_writer=model,
+        vocab_size=400, hard_vocab_limit=False, model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = load_tokenizer(tmp_path)
+    assert isinstance(tokenizer, SentencePieceTokenizer) and len(tokenizer.encode(" True")) == 2
+    for name in BUILTIN:
+        true_id, false_id = label_token_ids(get_template(name), tokenizer)
+        assert tokenizer.processor.id_to_piece([true_id, false_id]) == ["▁True", "▁False"]
+        prompt = get_template(name).render(question="What is 40 + 2?", answer="42", solution="40+2")
+        assert tokenizer.encode(prompt + " False") == tokenizer.encode(prompt) + [false_id]
 
 
 def test_fingerprint_follows_content(sentencepiece_file, llama3, tmp_path):

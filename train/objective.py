@@ -1,4 +1,5 @@
 """The classifier: the logits of the two label tokens at each row's last real token (C = 2)."""
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -9,9 +10,11 @@ def last_token_hidden(model: nn.Module, tokens: Tensor, lengths: Tensor) -> Tens
 
 
 def label_logits(model: nn.Module, tokens: Tensor, lengths: Tensor, label_ids: Tensor) -> Tensor:
-    """[B, 2] logits of (False, True) from two lm_head rows; full-vocabulary logits are never built."""
+    """[B, 2] float32 logits of (False, True) from two lm_head rows; full-vocabulary logits are never built.
+    The small product stays float32 even under autocast: bf16 logits would tie and blur the ranking (AUROC)."""
     hidden = last_token_hidden(model, tokens, lengths)
-    return hidden @ model.lm_head.weight[label_ids].to(hidden.dtype).T
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.float() @ model.lm_head.weight[label_ids].float().T
 
 
 def loss_sum(model: nn.Module, tokens: Tensor, lengths: Tensor, labels: Tensor, label_ids: Tensor,
