@@ -37,7 +37,7 @@ def llama3_tokenizer():
 def realistic_table(tokenizer, rows: int, vocab_size: int, seed: int) -> Tokenized:
     """Random token ids (BOS first) in rows whose lengths follow dev.csv's with_solution prompts."""
     template = get_template("with_solution")
-    dev = read_table(DEV_CSV, "train", template, skip_bad_rows=True)
+    dev = read_table(DEV_CSV, "train", template)
     dev_lengths = tokenize_table(dev, tokenizer, template, max_len=100_000).lengths
     rng = np.random.default_rng(seed)
     lengths = rng.choice(dev_lengths, size=rows, replace=True)

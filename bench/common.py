@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from model.config import LLAMA_3_1_8B, LlamaConfig
 from model.llama import Llama
+from train.setup import pick_device  # noqa: F401  (the benchmarks take it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,10 +109,6 @@ def implementations(args: argparse.Namespace) -> list[str]:
     if args.impl != "both":
         return [args.impl]
     return ["ours", "stack"] if stack_available() else ["ours"]
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---- the reference stack: transformers + peft + bitsandbytes ----

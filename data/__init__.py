@@ -1,20 +1,19 @@
 """Tables → validated rows → prompts → token ids (cached) → length-bucketed, right-padded batches."""
 from data.batches import budget_batches, collate, padded_length, train_batch_order
-from data.errors import UserError
 from data.split import split_train_val, validation_rows
-from data.tables import read_table, required_columns, table_labels
+from data.tables import read_labels, read_table, required_columns, table_labels
 from data.templates import Template, get_template, label_token_ids
 from data.tokenize import Tokenized, tokenize_table
 
 __all__ = [
     "Template",
     "Tokenized",
-    "UserError",
     "budget_batches",
     "collate",
     "get_template",
     "label_token_ids",
     "padded_length",
+    "read_labels",
     "read_table",
     "required_columns",
     "split_train_val",

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from data.tokenize import Tokenized
 
 BUCKET_BATCHES = 64  # rows are sorted by length within windows of this many steps

@@ -4,7 +4,6 @@ Every cell is read as text, exactly as written: an answer "0.50" stays "0.50", a
 text "NaN", and only an empty cell (or a JSON/Parquet null) is empty. Rows are numbered from 1 at the first
 data row (a CSV header is not a row). The input file is only ever opened for reading.
 """
-import json
 import math
 import sys
 from pathlib import Path
@@ -12,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.errors import UserError
+from common.errors import UserError
+from common.files import read_json_lines
 from data.templates import DEFAULT, Template, get_template
 
 ID, LABEL = "ID", "is_correct"
@@ -34,7 +34,8 @@ def read_table(
     A bad row raises UserError naming file, row and column, unless `skip_bad_rows`, which drops the bad rows
     and reports how many and which (printed, and listed in `df.attrs["skipped"]`). In a test table the labels
     are kept only if the column is present and every value is a valid boolean; otherwise they are ignored.
-    The index holds the row numbers, `df.attrs["source"]` the path.
+    An empty answer is valid (a model that gave none): their count is printed and kept in
+    `df.attrs["empty_answers"]`. The index holds the row numbers, `df.attrs["source"]` the path.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -58,7 +59,37 @@ def read_table(
     if labels is not None and not labels.isna().any():
         df[LABEL] = labels.astype(bool)
     df.attrs["source"] = str(path)
+    df.attrs["empty_answers"] = _report_empty_answers(df, path)
     return df
+
+
+def read_labels(path: str | Path, ids: pd.Series) -> np.ndarray:
+    """Labels from an ID,is_correct table (any format read_table reads) as int64 0/1, in the order of `ids`."""
+    path = Path(path)
+    table = _read_text_columns(path)
+    table.index = pd.RangeIndex(1, len(table) + 1, name="row")
+    for column in (ID, LABEL):
+        if column not in table.columns:
+            raise UserError(
+                f"{path}: column {column!r} is missing; a labels table needs {ID}, {LABEL} "
+                f"(found: {', '.join(map(str, table.columns))})"
+            )
+    repeated = table[ID].duplicated()
+    if repeated.any():
+        row = int(table.index[repeated.to_numpy()][0])
+        first = int(table.index[(table[ID] == table[ID][row]).to_numpy()][0])
+        raise UserError(f"{path}: row {row}, column {ID!r}: duplicate ID {table[ID][row]!r} (first at row {first})")
+    labels = parse_labels(table[LABEL])
+    if labels.isna().any():
+        row = int(labels.index[labels.isna().to_numpy()][0])
+        raise UserError(f"{path}: row {row}, column {LABEL!r}: {_not_boolean(table[LABEL][row])}")
+    wanted = ids.to_numpy()
+    positions = pd.Index(table[ID]).get_indexer(wanted)
+    missing = wanted[positions < 0]
+    if len(missing):
+        others = f" (and {len(missing) - 1} other IDs)" if len(missing) > 1 else ""
+        raise UserError(f"{path}: no label for ID {missing[0]!r}{others}")
+    return labels.to_numpy()[positions].astype(np.int64)
 
 
 def table_labels(df: pd.DataFrame) -> np.ndarray | None:
@@ -83,7 +114,7 @@ def _read_text_columns(path: Path) -> pd.DataFrame:
         elif suffix == ".jsonl":
             df = _read_jsonl(path)
         else:
-            df = pd.read_parquet(path)
+            df = pd.read_parquet(path, dtype_backend="numpy_nullable")  # an int column with nulls stays int
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
@@ -94,28 +125,11 @@ def _read_text_columns(path: Path) -> pd.DataFrame:
     return pd.DataFrame({str(c): _as_text(df[c]) for c in df.columns})
 
 
-def read_json_objects(path: Path) -> list[dict]:
-    """The JSON objects of a JSON Lines file, blank lines skipped; a bad line is a UserError naming it."""
-    records = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}: line {line_number}: not a JSON object")
-            records.append(record)
-    return records
-
-
 def _read_jsonl(path: Path) -> pd.DataFrame:
-    records = read_json_objects(path)
+    records = read_json_lines(path)
     if not records:
         raise pd.errors.EmptyDataError
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame(records, dtype=object)  # no inference: an int column with nulls stays int
 
 
 def _as_text(column: pd.Series) -> pd.Series:
@@ -145,7 +159,7 @@ def _row_problems(df: pd.DataFrame, template: Template, split: str) -> list[tupl
         first_rows = pd.Series(ids.index[~repeated], index=ids[~repeated].to_numpy()) if repeated.any() else None
         checks.append((ID, ids.str.strip() == "", lambda row: "ID is empty"))
         checks.append((ID, repeated, lambda row: f"duplicate ID {ids[row]!r} (first at row {first_rows[ids[row]]})"))
-    for column in ("question", "answer") + (("solution",) if template.uses_solution else ()):
+    for column in ("question",) + (("solution",) if template.uses_solution else ()):
         why = " (the template uses the solution)" if column == "solution" else ""
         checks.append((column, df[column].str.strip() == "", lambda row, why=why: f"is empty{why}"))
     if split == "train":
@@ -154,7 +168,7 @@ def _row_problems(df: pd.DataFrame, template: Template, split: str) -> list[tupl
             (
                 LABEL,
                 bad_label,
-                lambda row: f"{df[LABEL][row][:40]!r} is not a boolean (use True/False, true/false, 1/0 or yes/no)",
+                lambda row: _not_boolean(df[LABEL][row]),
             )
         )
     problems = {}
@@ -173,3 +187,15 @@ def _drop_rows(df: pd.DataFrame, path: Path, problems: list[tuple[int, str, str]
     print(f"{path}: skipped {len(problems)} bad rows of {len(df)}: {'; '.join(listed[:20])}{more}", file=sys.stderr)
     kept.attrs["skipped"] = listed
     return kept
+
+
+def _not_boolean(value: str) -> str:
+    return f"{value[:40]!r} is not a boolean (use True/False, true/false, 1/0 or yes/no)"
+
+
+def _report_empty_answers(df: pd.DataFrame, path: Path) -> int:
+    rows = df.index[(df["answer"].str.strip() == "").to_numpy()]
+    if len(rows):
+        listed = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        print(f"{path}: {len(rows)} rows have an empty answer (rows {listed})", file=sys.stderr)
+    return len(rows)

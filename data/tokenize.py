@@ -1,4 +1,4 @@
-"""Prompts → token ids in flat arrays, cut to max_len without touching the question or the answer, cached on disk.
+"""Prompts → token ids in flat arrays, cut to max_len in the middle of the solution, then of the question, cached.
 
 Rows are tokenized in chunks with the tokenizer's parallel `encode_batch`, and each chunk goes straight into
 numpy, so a million rows never sit in memory as Python lists. The cache is keyed by the rows' question,
@@ -7,7 +7,6 @@ the tokenizer's `fingerprint`, the template text and max_len.
 """
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from itertools import chain
@@ -16,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.errors import UserError
+from common.errors import UserError
+from common.files import atomic_write
 from data.tables import table_labels
 from data.templates import FIELDS, Template
 
-CACHE_VERSION = 1  # bump when the way prompts become ids changes
+CACHE_VERSION = 2  # bump when the way prompts become ids changes
 CHUNK_ROWS = 8192
 ELLIPSIS = " ... "
+MARKER = ELLIPSIS.strip()  # all that is left of a field cut to nothing
 SEAM_TOKENS = 4  # what the ellipsis and the two new seams around it usually cost; one re-tokenization then fits
 
 
@@ -33,7 +34,7 @@ class Tokenized:
     ids: np.ndarray  # int32 [total tokens]: the prompts back to back, each starting with BOS where the model uses one
     offsets: np.ndarray  # int64 [rows + 1]: row i is ids[offsets[i]:offsets[i + 1]]
     labels: np.ndarray | None  # int64 [rows] of 0/1, or None for a table without labels
-    truncated: np.ndarray  # int64: positions of the rows whose solution was shortened to fit max_len
+    truncated: np.ndarray  # int64: positions of the rows whose prompt was shortened to fit max_len
 
     @property
     def lengths(self) -> np.ndarray:
@@ -66,29 +67,50 @@ def tokenize_table(
 ) -> Tokenized:
     """Token ids of every row's prompt (BOS included when `tokenizer.add_bos`), at most `max_len` each.
 
-    A prompt over max_len has its solution cut from the middle, keeping its start and its last line; the count
-    is printed and the rows are in `.truncated`. UserError if a prompt is over max_len even with no solution.
+    A prompt over max_len has its solution cut from the middle, keeping its start and its last line, and where
+    that is not enough its question too; the count is printed and the rows are in `.truncated`. UserError only
+    if a prompt is over max_len even with both reduced to MARKER. An unreadable cache file is rebuilt.
     The tokenizer needs a `fingerprint` string that changes whenever its ids would.
     """
     source = df.attrs.get("source", "table")
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"tokens-{_cache_key(df, tokenizer, template, max_len)}.npz"
-    if cache is not None and cache.is_file():
-        with np.load(cache) as saved:
-            ids, offsets, truncated = saved["ids"], saved["offsets"], saved["truncated"]
+    saved = _load_cache(cache, len(df)) if cache is not None and cache.is_file() else None
+    if saved is not None:
+        ids, offsets, truncated = saved
     else:
         ids, offsets, truncated = _tokenize(df, tokenizer, template, max_len, source)
         if cache is not None:
-            _save_atomic(cache, ids=ids, offsets=offsets, truncated=truncated)
+            atomic_write(cache, lambda f: np.savez(f, ids=ids, offsets=offsets, truncated=truncated))
     if len(truncated):
+        what = "their solutions (then questions, where needed)" if template.uses_solution else "their questions"
         rows = ", ".join(str(r) for r in df.index[truncated[:10]]) + (", ..." if len(truncated) > 10 else "")
         print(
             f"{source}: {len(truncated)} of {len(df)} prompts were over max_len {max_len} tokens; "
-            f"their solutions were shortened in the middle (rows {rows})",
+            f"{what} were shortened in the middle (rows {rows})",
             file=sys.stderr,
         )
     return Tokenized(ids, offsets, table_labels(df), truncated)
+
+
+def _load_cache(cache: Path, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(ids, offsets, truncated) from a cache file, or None (with a line printed) where it cannot be used."""
+    try:
+        with np.load(cache) as saved:
+            ids, offsets, truncated = saved["ids"], saved["offsets"], saved["truncated"]
+        if ids.dtype != np.int32 or offsets.dtype != np.int64 or truncated.dtype != np.int64:
+            raise ValueError(f"dtypes {ids.dtype}, {offsets.dtype}, {truncated.dtype}")
+        fits = offsets.shape == (n_rows + 1,) and offsets[0] == 0 and offsets[-1] == ids.size
+        if ids.ndim != 1 or not fits or (np.diff(offsets) < 0).any():
+            raise ValueError(f"offsets do not fit {n_rows} rows of {ids.size} tokens")
+        if truncated.ndim != 1 or ((truncated < 0) | (truncated >= n_rows)).any():
+            raise ValueError("truncated rows out of range")
+    except Exception as e:  # a truncated or garbage file: numpy and zipfile raise many kinds
+        print(f"{cache}: unreadable token cache ({type(e).__name__}: {' '.join(str(e).split())}); rebuilding it",
+              file=sys.stderr)
+        return None
+    return ids, offsets, truncated
 
 
 def _tokenize(df, tokenizer, template, max_len, source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,11 +124,6 @@ def _tokenize(df, tokenizer, template, max_len, source) -> tuple[np.ndarray, np.
         too_long = [i for i, t in enumerate(tokens) if len(t) + len(bos) > max_len]
         if too_long:
             rows = [f"{source}: row {part.index[i]}" for i in too_long]
-            if not template.uses_solution:
-                raise UserError(
-                    f"{rows[0]}: the prompt is {len(tokens[too_long[0]]) + len(bos)} tokens, over max_len {max_len}, "
-                    f"and template {template.name!r} has no solution to shorten"
-                )
             counts = [len(tokens[i]) for i in too_long]
             shortened = _shorten(tokenizer, template, [fields[i] for i in too_long], counts, rows, max_len, len(bos))
             for i, t in zip(too_long, shortened):
@@ -126,24 +143,54 @@ def _tokenize(df, tokenizer, template, max_len, source) -> tuple[np.ndarray, np.
 def _shorten(
     tokenizer, template: Template, fields: list[dict], lengths: list[int], rows: list[str], max_len: int, n_bos: int
 ) -> list[list[int]]:
-    """Prompt ids with each solution cut from the middle until the prompt, BOS included, fits max_len."""
+    """Prompt ids cut to fit max_len, BOS included: the middle of the solution first, then of the question."""
     limit = max_len - n_bos
-    solutions = tokenizer.encode_batch([f["solution"] for f in fields])
-    last_lines = tokenizer.encode_batch([f["solution"].rstrip().rsplit("\n", 1)[-1] for f in fields])
-    keep = [len(s) - (n - limit) - SEAM_TOKENS for s, n in zip(solutions, lengths)]  # first guess
+    fields, lengths = list(fields), list(lengths)  # entries are replaced as fields are cut to MARKER
+    result: list[list[int]] = [[] for _ in fields]
+    pending = list(range(len(fields)))  # rows still over the limit with `name` whole
+    for name in ("solution", "question") if template.uses_solution else ("question",):
+        if not pending:
+            break
+        at_marker = [{**fields[i], name: MARKER} for i in pending]
+        floors = tokenizer.encode_batch([template.render(**f) for f in at_marker])
+        fits = [k for k, t in enumerate(floors) if len(t) <= limit]
+        cut = _cut_to_fit(tokenizer, template, name, [fields[pending[k]] for k in fits],
+                          [lengths[pending[k]] for k in fits], limit)
+        for k, t in zip(fits, cut):
+            result[pending[k]] = t
+        over = [k for k, t in enumerate(floors) if len(t) > limit]
+        for k in over:
+            fields[pending[k]], lengths[pending[k]] = at_marker[k], len(floors[k])
+        pending = [pending[k] for k in over]
+    if pending:
+        i = pending[0]
+        cut = "question and solution" if template.uses_solution else "question"
+        raise UserError(
+            f"{rows[i]}: the prompt is {lengths[i] + n_bos} tokens even with its {cut} cut to {MARKER!r}, "
+            f"over max_len {max_len}"
+        )
+    return result
+
+
+def _cut_to_fit(tokenizer, template: Template, name: str, fields: list[dict], lengths: list[int], limit: int
+                ) -> list[list[int]]:
+    """Prompt ids with field `name` cut from the middle until each prompt fits `limit` tokens; every prompt must
+    fit with the field reduced to MARKER. A solution keeps its last line."""
+    texts = tokenizer.encode_batch([f[name] for f in fields])
+    if name == "solution":
+        tails = [len(t) + 1 for t in tokenizer.encode_batch([f[name].rstrip().rsplit("\n", 1)[-1] for f in fields])]
+    else:
+        tails = [0] * len(fields)
+    keep = [len(t) - (n - limit) - SEAM_TOKENS for t, n in zip(texts, lengths)]  # first guess
     result: list[list[int]] = [[] for _ in fields]
     pending = list(range(len(fields)))
-    while pending:
-        cuts = [_cut_middle(tokenizer, solutions[i], keep[i], len(last_lines[i]) + 1) for i in pending]
-        texts = [template.render(**{**fields[i], "solution": cut}) for i, cut in zip(pending, cuts)]
+    while pending:  # keep shrinks every round, down to MARKER alone, which fits
+        cuts = [_cut_middle(tokenizer, texts[i], keep[i], tails[i]) for i in pending]
+        prompts = tokenizer.encode_batch([template.render(**{**fields[i], name: c}) for i, c in zip(pending, cuts)])
         still_long = []
-        for i, cut, t in zip(pending, cuts, tokenizer.encode_batch(texts)):
+        for i, t in zip(pending, prompts):
             if len(t) <= limit:
                 result[i] = t
-            elif not cut:
-                raise UserError(
-                    f"{rows[i]}: the prompt is {len(t) + n_bos} tokens even with an empty solution, over max_len {max_len}"
-                )
             else:
                 keep[i] -= len(t) - limit
                 still_long.append(i)
@@ -151,13 +198,13 @@ def _shorten(
     return result
 
 
-def _cut_middle(tokenizer, solution: list[int], keep: int, tail_min: int) -> str:
-    """The first and last tokens of a solution, `keep` in all, the last `tail_min` (its last line) always among them."""
+def _cut_middle(tokenizer, text: list[int], keep: int, tail_min: int) -> str:
+    """The first and last tokens of a text around MARKER, `keep` in all, the last `tail_min` always among them."""
     if keep <= 0:
-        return ""
+        return MARKER
     tail = min(keep, max(keep // 2, tail_min))
     head = keep - tail
-    return (tokenizer.decode(solution[:head]).rstrip() + ELLIPSIS + tokenizer.decode(solution[-tail:]).lstrip()).strip()
+    return (tokenizer.decode(text[:head]).rstrip() + ELLIPSIS + tokenizer.decode(text[-tail:]).lstrip()).strip()
 
 
 def _cache_key(df: pd.DataFrame, tokenizer, template: Template, max_len: int) -> str:
@@ -167,14 +214,3 @@ def _cache_key(df: pd.DataFrame, tokenizer, template: Template, max_len: int) ->
     key.update(json.dumps(columns).encode())
     key.update(pd.util.hash_pandas_object(df[columns], index=False).to_numpy().tobytes())  # 64 bits a row
     return key.hexdigest()[:32]
-
-
-def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import Tokenized, UserError, budget_batches, collate, padded_length, train_batch_order
+from common.errors import UserError
+from data import Tokenized, budget_batches, collate, padded_length, train_batch_order
 
 
 def ragged(lengths: list[int], labels: list[int] | None = None) -> Tokenized:

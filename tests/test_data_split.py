@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import UserError, split_train_val, validation_rows
+from common.errors import UserError
+from data import split_train_val, validation_rows
 
 
 def labelled(rows: int, positive_share: float, group_size: int = 1, seed: int = 0) -> pd.DataFrame:
@@ -47,8 +48,8 @@ def test_validation_size():
     assert validation_rows(3_000, 0) == 0
     assert validation_rows(1, 10_000) == 0
     assert validation_rows(4, 10_000) == 1
-    for bad in (-1, 1.5):
-        with pytest.raises(UserError, match=f"val_size {bad} must be a row count"):
+    for bad in (-1, 1.5, float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(UserError, match=f"^val_size {bad} must be a row count"):
             validation_rows(100, bad)
 
 
@@ -67,3 +68,34 @@ def test_table_without_labels_still_splits():
     df = pd.DataFrame({"ID": [str(i) for i in range(100)]})
     train, val = split_train_val(df, 10, seed=0)
     assert len(val) == 10 and len(train) == 90
+
+
+def test_one_row_table_cannot_be_split():
+    message = r"^the validation set is empty: a 1-row table cannot be split into training and validation rows; add rows$"
+    for val_size in (10_000, 0.3):
+        with pytest.raises(UserError, match=message):
+            split_train_val(labelled(1, 0.5), val_size, seed=0)
+    assert split_train_val(labelled(1, 0.5), 0, seed=0)[0].tolist() == [0]
+
+
+def test_fraction_too_small_for_the_table():
+    message = (r"^the validation set is empty: --val-size 0.001 of 100 rows is 0 rows; "
+               r"raise --val-size$")
+    with pytest.raises(UserError, match=message):
+        split_train_val(labelled(100, 0.5), 0.001, seed=0)
+
+
+def test_groups_bigger_than_the_validation_set():
+    message = (r"^the validation set is empty: no whole group of --group-col 'group' fits in the 4 validation rows "
+               r"with the table's class ratio \(the smallest group has 10 rows\); "
+               r"raise --val-size or use a finer --group-col$")
+    with pytest.raises(UserError, match=message):
+        split_train_val(labelled(100, 0.5, group_size=10), 0.04, seed=0, group_col="group")
+
+
+def test_fraction_that_leaves_no_training_rows():
+    message = r"^the training set is empty: --val-size 0.9 puts all 1 rows in validation; lower --val-size$"
+    with pytest.raises(UserError, match=message):
+        split_train_val(labelled(1, 0.5), 0.9, seed=0)
+    with pytest.raises(UserError, match=r"^the training set is empty: --val-size 0.8 puts all 2 rows"):
+        split_train_val(labelled(2, 0.5), 0.8, seed=0)

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import UserError, get_template, read_table, table_labels
+from common.errors import UserError
+from data import get_template, read_labels, read_table, table_labels
 
 TRAIN = "question,answer,solution,is_correct\nWhat is 2+3?,5,2+3=5,True\nWhat is 2*3?,5,2*3=5,False\n"
 TEST = "ID,question,answer,solution\n7,What is 2+3?,5,2+3=5\n8,What is 2*3?,5,2*3=5\n"
@@ -107,9 +108,41 @@ def test_empty_question(tmp_path):
     rejects(path, f"{path}: row 3, column 'question': is empty")
 
 
-def test_blank_answer(tmp_path):
-    path = write(tmp_path, "train.csv", TRAIN + 'q,"  ",s,True\n')
-    rejects(path, f"{path}: row 3, column 'answer': is empty")
+def test_empty_answers_are_rows_and_counted(tmp_path, capsys):
+    path = write(tmp_path, "train.csv", TRAIN + 'q,"  ",s,True\n' + "q,,s,False\n" * 11)
+    df = read_table(path)
+    assert len(df) == 14 and df["answer"].tolist()[2:4] == ["  ", ""]
+    assert df.attrs["empty_answers"] == 11 + 1
+    listed = ", ".join(map(str, range(3, 13)))
+    assert capsys.readouterr().err == f"{path}: 12 rows have an empty answer (rows {listed}, ...)\n"
+
+
+def test_one_empty_answer_in_a_test_table(tmp_path, capsys):
+    path = write(tmp_path, "test.csv", TEST + "9,q,,s\n")
+    df = read_table(path, split="test")
+    assert df.attrs["empty_answers"] == 1 and df["answer"][3] == ""
+    assert capsys.readouterr().err == f"{path}: 1 rows have an empty answer (rows 3)\n"
+
+
+def test_no_empty_answer_prints_nothing(tmp_path, capsys):
+    assert read_table(write(tmp_path, "train.csv", TRAIN)).attrs["empty_answers"] == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_empty_answers_count_only_kept_rows(tmp_path):
+    path = write(tmp_path, "train.csv", TRAIN + ",,s,True\nq,,s,True\n")
+    df = read_table(path, skip_bad_rows=True)
+    assert df.index.tolist() == [1, 2, 4] and df.attrs["empty_answers"] == 1
+
+
+def test_gsm8k_verify_dev_reads_with_its_empty_answers(capsys):
+    dev = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k_verify" / "dev.csv"
+    if not dev.is_file():
+        pytest.skip(f"{dev} is not beside the repository")
+    df = read_table(dev, template=get_template("with_solution"))
+    assert len(df) == 3_164 and df.attrs["empty_answers"] == 8
+    report = f"{dev}: 8 rows have an empty answer (rows 7, 119, 385, 387, 407, 1489, 1863, 2325)"
+    assert report in capsys.readouterr().err
 
 
 def test_empty_solution_only_where_the_template_uses_it(tmp_path):
@@ -118,17 +151,32 @@ def test_empty_solution_only_where_the_template_uses_it(tmp_path):
     assert read_table(path, template=get_template("original"))["solution"].tolist() == ["2+3=5", "2*3=5", ""]
 
 
-def test_null_answer_in_json_lines(tmp_path):
-    rows = [{"question": "q", "answer": 4, "solution": "s", "is_correct": True}, {"question": "q", "answer": None}]
+def test_null_answer_in_json_lines_is_empty(tmp_path):
+    rows = [{"question": "q", "answer": 4, "solution": "s", "is_correct": True},
+            {"question": "q", "answer": None, "solution": "s", "is_correct": False}]
+    df = read_table(write(tmp_path, "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
+    assert df["answer"].tolist() == ["4", ""] and df.attrs["empty_answers"] == 1
+
+
+def test_null_solution_in_json_lines(tmp_path):
+    rows = [{"question": "q", "answer": 4, "solution": "s", "is_correct": True}, {"question": "q", "answer": 4}]
     path = write(tmp_path, "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    rejects(path, f"{path}: row 2, column 'answer': is empty")
+    rejects(path, f"{path}: row 2, column 'solution': is empty (the template uses the solution)")
 
 
-def test_nan_in_parquet(tmp_path):
+def test_nan_answer_in_parquet_is_empty(tmp_path):
     path = tmp_path / "train.parquet"
     columns = {"question": ["q", "q"], "answer": [1.5, np.nan], "solution": ["s", "s"], "is_correct": [1, 0]}
     pd.DataFrame(columns).to_parquet(path)
-    rejects(path, f"{path}: row 2, column 'answer': is empty")
+    df = read_table(path)
+    assert df["answer"].tolist() == ["1.5", ""] and df.attrs["empty_answers"] == 1
+
+
+def test_null_beside_integers_in_parquet_keeps_them_integers(tmp_path):
+    columns = {"question": ["q", "q"], "answer": pd.array([4, None], dtype="Int64"), "solution": ["s", "s"],
+               "is_correct": [True, False]}
+    pd.DataFrame(columns).to_parquet(tmp_path / "train.parquet")
+    assert read_table(tmp_path / "train.parquet")["answer"].tolist() == ["4", ""]
 
 
 def test_duplicate_ids_in_test_table(tmp_path):
@@ -225,3 +273,57 @@ def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(b"\xef\xbb\xbf" + TRAIN.encode())
     assert read_table(path).columns.tolist() == ["question", "answer", "solution", "is_correct"]
+
+
+IDS = pd.Series(["7", "8", "9"])
+LABELS = "ID,is_correct\n9,no\n7,True\n8,1\n"
+
+
+def rejects_labels(path: Path, message: str, ids: pd.Series = IDS) -> None:
+    with pytest.raises(UserError) as raised:
+        read_labels(path, ids)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_labels_in_the_order_of_the_ids(tmp_path, suffix):
+    rows = [line.split(",") for line in LABELS.splitlines()[1:]]
+    path = tmp_path / f"labels{suffix}"
+    if suffix == ".csv":
+        write(tmp_path, path.name, LABELS)
+    elif suffix == ".tsv":
+        write(tmp_path, path.name, LABELS.replace(",", "\t"))
+    elif suffix == ".jsonl":
+        write(tmp_path, path.name, "".join(json.dumps({"ID": int(i), "is_correct": v}) + "\n" for i, v in rows))
+    else:
+        pd.DataFrame({"ID": [int(i) for i, _ in rows], "is_correct": [v == "True" or v == "1" for _, v in rows]}
+                     ).to_parquet(path)
+    labels = read_labels(path, IDS)
+    assert labels.dtype == np.int64 and labels.tolist() == [1, 1, 0]
+
+
+def test_labels_file_not_found(tmp_path):
+    rejects_labels(tmp_path / "labels.csv", f"{tmp_path / 'labels.csv'}: file not found")
+
+
+def test_labels_column_missing(tmp_path):
+    path = write(tmp_path, "labels.csv", "ID,label\n7,True\n")
+    message = f"{path}: column 'is_correct' is missing; a labels table needs ID, is_correct (found: ID, label)"
+    rejects_labels(path, message)
+
+
+def test_id_without_a_label(tmp_path):
+    path = write(tmp_path, "labels.csv", "ID,is_correct\n8,True\n")
+    rejects_labels(path, f"{path}: no label for ID '7' (and 1 other IDs)")
+    rejects_labels(path, f"{path}: no label for ID '9'", ids=pd.Series(["8", "9"]))
+
+
+def test_duplicate_id_in_labels(tmp_path):
+    path = write(tmp_path, "labels.csv", LABELS + "5,no\n7,False\n")
+    rejects_labels(path, f"{path}: row 5, column 'ID': duplicate ID '7' (first at row 2)")
+
+
+def test_label_value_not_boolean(tmp_path):
+    path = write(tmp_path, "labels.csv", LABELS + "5,maybe\n")
+    not_boolean = "'maybe' is not a boolean (use True/False, true/false, 1/0 or yes/no)"
+    rejects_labels(path, f"{path}: row 4, column 'is_correct': {not_boolean}")

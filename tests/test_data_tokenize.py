@@ -1,4 +1,4 @@
-"""tokenize_table: ids are the prompts' tokens, over-long solutions are cut in the middle only, the cache."""
+"""tokenize_table: the prompts' ids, long prompts cut in the middle (solution, then question), the cache."""
 import re
 
 import numpy as np
@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 import data.tokenize
-from data import UserError, get_template, read_table, tokenize_table
+from common.errors import UserError
+from data import get_template, read_table, tokenize_table
 
 LAST_LINE = "So the answer is 42."
 
@@ -71,7 +72,7 @@ def test_long_solution_is_cut_in_the_middle(tmp_path, capsys):
     assert solution.endswith(tail) and tail.endswith(LAST_LINE)
     short = template.render(question="Short?", answer="1", solution="1=1")
     assert tokenized.row(0).tolist() == tokenizer.encode(short, bos=True)
-    report = "1 of 2 prompts were over max_len 400 tokens; their solutions were shortened in the middle (rows 2)"
+    report = "1 of 2 prompts were over max_len 400 tokens; their solutions (then questions, where needed) were"
     assert report in capsys.readouterr().err
 
 
@@ -86,28 +87,68 @@ def test_last_line_is_kept_even_when_it_is_most_of_the_room(tmp_path):
     assert last in tokenizer.decode(tokenized.row(0).tolist())
 
 
-def test_question_and_answer_alone_too_long(tmp_path):
-    question = "Long? " * 50
+def test_long_question_is_cut_once_the_solution_is_gone(tmp_path, capsys):
+    question = "Long? " * 50 + "How many?"
     df = table(tmp_path, [("Short?", "1", "s", "True"), (question, "1", long_solution(3), "True")])
-    template = get_template("with_solution")
+    tokenizer, template = ByteTokenizer(), get_template("with_solution")
+    tokenized = tokenize_table(df, tokenizer, template, max_len=200)
+    assert tokenized.truncated.tolist() == [1] and 190 <= tokenized.lengths[1] <= 200
+    prompt = tokenizer.decode(tokenized.row(1).tolist())
+    kept = re.fullmatch(template.render(question="(.*)", answer="(.*)", solution="(.*)"), prompt, flags=re.S)
+    assert kept.group(2) == "..." and kept.group(3) == "1"
+    head, tail = kept.group(1).split(" ... ")
+    assert question.startswith(head) and question.endswith(tail) and tail.endswith("How many?")
+    report = "their solutions (then questions, where needed) were shortened in the middle (rows 2)"
+    assert report in capsys.readouterr().err
+
+
+def test_template_without_solution_cuts_the_question(tmp_path, capsys):
+    question = "Long? " * 50
+    df = table(tmp_path, [(question, "1", "s", "True")])
+    tokenizer, template = ByteTokenizer(), get_template("original")
+    tokenized = tokenize_table(df, tokenizer, template, max_len=120)
+    assert tokenized.truncated.tolist() == [0] and 110 <= tokenized.lengths[0] <= 120
+    kept = re.fullmatch(template.render(question="(.*)", answer="(.*)"), tokenizer.decode(tokenized.row(0).tolist()))
+    head, tail = kept.group(1).split(" ... ")
+    assert question.startswith(head) and question.rstrip().endswith(tail) and kept.group(2) == "1"
+    assert "their questions were shortened in the middle (rows 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["with_solution", "original"])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_every_row_fits_down_to_the_smallest_max_len(tmp_path, name, add_bos):
+    rows = [("Short?", "", "1=1", "True"), ("Long? " * 40, "12", long_solution(6), "False"),
+            ("Why? " * 9, "7", long_solution(30), "True"), ("Ünïcödé? " * 12, "3", "é" * 200 + "\nSo 3.", "True")]
+    df = table(tmp_path, rows)
+    tokenizer, template = ByteTokenizer(add_bos), get_template(name)
+    smallest = add_bos + len(template.render(question="...", answer="12", solution="..."))
+    for max_len in range(smallest, smallest + 120, 7):
+        tokenized = tokenize_table(df, tokenizer, template, max_len)
+        assert len(tokenized) == 4 and tokenized.lengths.max() <= max_len
+        whole = [len(tokenizer.encode(template.render(*row[:3]), bos=add_bos)) for row in rows]
+        assert tokenized.truncated.tolist() == [i for i, n in enumerate(whole) if n > max_len]
+    with pytest.raises(UserError, match=f"row 2: the prompt is {smallest} tokens even with its"):
+        tokenize_table(df, tokenizer, template, smallest - 1)
+
+
+def test_answer_too_long_for_any_cut_is_refused_cheaply(tmp_path):
+    df = table(tmp_path, [("Short?", "1", "s", "True"), ("Long? " * 50, "9" * 300, long_solution(20), "True")])
+    tokenizer, template = ByteTokenizer(), get_template("with_solution")
     with pytest.raises(UserError) as raised:
-        tokenize_table(df, ByteTokenizer(), template, max_len=200)
-    tokens = 1 + len(template.render(question=question, answer="1", solution=""))
+        tokenize_table(df, tokenizer, template, max_len=300)
+    tokens = 1 + len(template.render(question="...", answer="9" * 300, solution="..."))
     assert str(raised.value) == (
-        f"{tmp_path / 'train.csv'}: row 2: the prompt is {tokens} tokens even with an empty solution, over max_len 200"
+        f"{tmp_path / 'train.csv'}: row 2: the prompt is {tokens} tokens even with its question and solution cut "
+        "to '...', over max_len 300"
     )
+    assert tokenizer.texts_encoded == 2 + 2  # the prompts, then one floor each for the solution and the question
 
 
-def test_template_without_solution_cannot_shorten(tmp_path):
-    df = table(tmp_path, [("Long? " * 50, "1", "s", "True")])
+def test_max_len_smaller_than_the_template(tmp_path):
+    df = table(tmp_path, [("q", "1", "s", "True")])
     template = get_template("original")
-    with pytest.raises(UserError) as raised:
-        tokenize_table(df, ByteTokenizer(), template, max_len=200)
-    tokens = 1 + len(template.render(question="Long? " * 50, answer="1"))
-    assert str(raised.value) == (
-        f"{tmp_path / 'train.csv'}: row 1: the prompt is {tokens} tokens, over max_len 200, "
-        "and template 'original' has no solution to shorten"
-    )
+    with pytest.raises(UserError, match=r"train.csv: row 1: the prompt is \d+ tokens even with its question cut to "):
+        tokenize_table(df, ByteTokenizer(), template, max_len=20)
 
 
 def test_chunks_join_up(tmp_path, monkeypatch):
@@ -164,3 +205,43 @@ def test_test_table_without_labels(tmp_path):
     df = read_table(tmp_path / "test.csv", split="test")
     tokenized = tokenize_table(df, ByteTokenizer(), get_template("with_solution"), 200)
     assert tokenized.labels is None and len(tokenized) == 1
+
+
+def corrupt_truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def corrupt_garbage(path):
+    path.write_bytes(b"not a numpy archive" * 10)
+
+
+def corrupt_missing_key(path):
+    with np.load(path) as saved:
+        np.savez(path, ids=saved["ids"], offsets=saved["offsets"])
+
+
+def corrupt_offsets(path):
+    with np.load(path) as saved:
+        ids, offsets, truncated = saved["ids"], saved["offsets"], saved["truncated"]
+    np.savez(path, ids=ids, offsets=offsets[::-1].copy(), truncated=truncated)
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncated, corrupt_garbage, corrupt_missing_key, corrupt_offsets])
+def test_corrupt_cache_is_rebuilt(tmp_path, capsys, corrupt):
+    df = table(tmp_path, [(f"Question {i}?", str(i), long_solution(i * 3), "True") for i in range(6)])
+    template, cache = get_template("with_solution"), tmp_path / "cache"
+    first = tokenize_table(df, ByteTokenizer(), template, 200, cache_dir=cache)
+    (path,) = cache.iterdir()
+    corrupt(path)
+    capsys.readouterr()
+    tokenizer = ByteTokenizer()
+    again = tokenize_table(df, tokenizer, template, 200, cache_dir=cache)
+    assert tokenizer.texts_encoded > 0
+    for name in ("ids", "offsets", "truncated"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    (rebuilt,) = [line for line in capsys.readouterr().err.splitlines() if "token cache" in line]
+    assert rebuilt.startswith(f"{path}: unreadable token cache (") and rebuilt.endswith("); rebuilding it")
+    assert [p.name for p in cache.iterdir()] == [path.name]  # overwritten, no temporary file left
+    tokenizer = ByteTokenizer()
+    tokenize_table(df, tokenizer, template, 200, cache_dir=cache)
+    assert tokenizer.texts_encoded == 0
