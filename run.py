@@ -1,8 +1,10 @@
 """Command line: `python run.py train [flags]` and `python run.py infer [flags]`."""
 import argparse
+import math
+import re
 import sys
 
-from data.errors import UserError
+from common.errors import UserError
 
 PRESETS = {
     # The reference report's best submission (its Table 2, submission 10).
@@ -12,11 +14,16 @@ PRESETS = {
     # pass stops below them; 8 blocks learned too slowly), a high learning rate, 880 rows, a small validation
     # split (bench/RESULTS.md has the sweep). Used when --data is not given.
     "embedded": dict(rank=16, alpha=32, lora_layers=16, lr=1e-3, batch_size=8, warmup_steps=10, max_steps=110,
-                     val_size=200, eval_every=55, max_len=256),
+                     val_size=200, eval_every=55, max_len=256, group_col="group"),
 }
 
 
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # so that `--lr -1e-3` is read as a (refused) value rather than as an unknown flag
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message: str) -> None:
         print(f"error: {message} (see `python run.py {self.prog.split()[-1]} --help`)", file=sys.stderr)
         sys.exit(2)
@@ -28,10 +35,19 @@ def positive(kind, allow_zero: bool = False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, got {text}")
         return value
     return parse
+
+
+def fraction(text: str) -> float:
+    value = positive(float, allow_zero=True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def val_size(text: str) -> float:
@@ -41,7 +57,8 @@ def val_size(text: str) -> float:
     return value
 
 
-def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None, explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; with `explicit_only`, `train` sets only the flags that are given (for --resume)."""
     parser = OneLineParser(prog="run.py", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -55,7 +72,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--alpha", type=positive(float), default=32, help="LoRA alpha; the update is scaled by alpha/r")
     tr.add_argument("--lora-layers", type=positive(int), metavar="K",
                     help="adapt only the last K blocks (default: all); the backward pass then stops below them")
-    tr.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0)")
+    tr.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input (default 0)")
     tr.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate (default 3e-4)")
     tr.add_argument("--weight-decay", type=positive(float, allow_zero=True), default=0.01, help="decoupled weight decay")
     tr.add_argument("--batch-size", type=positive(int), default=8, help="rows per micro-batch (default 8)")
@@ -66,7 +83,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--max-grad-norm", type=positive(float), default=1.0, help="gradient clipping norm")
     tr.add_argument("--val-size", type=val_size, default=10_000, help="validation rows, or a fraction in (0, 1)")
     tr.add_argument("--group-col", help="column grouping rows (e.g. one question); no group on both sides")
-    tr.add_argument("--max-len", type=positive(int), default=1024, help="prompt tokens; longer solutions are cut in the middle")
+    tr.add_argument("--max-len", type=positive(int), default=1024, help="prompt tokens; a longer row has its solution, then its question, cut in the middle")
     tr.add_argument("--template", default="with_solution", help="with_solution, original, or a template file")
     tr.add_argument("--quant", choices=("nf4", "none"), help="base weights: nf4 (default on CUDA) or none (CPU)")
     tr.add_argument("--loss", choices=("classifier", "lm"), default="classifier",
@@ -81,33 +98,40 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
     tr.add_argument("--eval-batch-tokens", type=positive(int),
                     help="token budget of an eval batch (default 32768 on CUDA, 2048 on CPU)")
-    tr.add_argument("--seed", type=int, default=0, help="fixes data order, split, LoRA init and dropout")
+    tr.add_argument("--seed", type=positive(int, allow_zero=True), default=0, help="fixes data order, split, LoRA init and dropout")
     tr.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
     if preset in PRESETS:
         tr.set_defaults(**PRESETS[preset], preset=preset)
+    if explicit_only:
+        for action in tr._actions:
+            action.default = argparse.SUPPRESS
 
     inf = commands.add_parser("infer", help="score a test table with a trained run")
     inf.add_argument("--run", help="run folder (default: the newest under runs/)")
     inf.add_argument("--data", help="test table with ID, question, answer, solution (default: the embedded one)")
-    inf.add_argument("--labels", help="optional ID,is_correct table to score the predictions against")
+    inf.add_argument("--labels", help="optional ID,is_correct table (CSV, TSV, JSON Lines, Parquet) to score against")
     inf.add_argument("--out", default="submission.csv", help="submission file (default submission.csv)")
     inf.add_argument("--model", help="base model folder, when it moved since training")
     inf.add_argument("--best", action="store_true", help="use the run's best validation adapter")
+    inf.add_argument("--max-len", type=positive(int),
+                     help="prompt tokens; longer rows are cut as in training (default: the run's --max-len)")
     inf.add_argument("--batch-tokens", type=positive(int),
                      help="token budget per batch (default 32768 on CUDA, 2048 on CPU)")
-    inf.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
     return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """A preset replaces the defaults, so flags given explicitly still win. Training on the embedded
-    dataset (no --data, no --resume) takes the "embedded" preset unless another is named."""
+    dataset (no --data, no --resume) takes the "embedded" preset unless another is named. With --resume only the
+    flags given explicitly are set: the run's own flags fill the rest."""
     first = argparse.ArgumentParser(add_help=False)
     for flag in ("--preset", "--data", "--resume"):
         first.add_argument(flag)
     known = first.parse_known_args(argv)[0]
-    embedded = argv[:1] == ["train"] and known.data is None and known.resume is None
-    return build_parser(known.preset or ("embedded" if embedded else None)).parse_args(argv)
+    is_train = argv[:1] == ["train"]
+    embedded = is_train and known.data is None and known.resume is None
+    parser = build_parser(known.preset or ("embedded" if embedded else None), explicit_only=known.resume is not None)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -121,6 +145,13 @@ def main(argv: list[str]) -> int:
             infer(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # disk full, a read-only or vanished path: the OS's words and the file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,10 +1,13 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from data.errors import UserError
+import run
+from common.errors import UserError
+from data.synthetic import generate
 from model.default import default_model_path, packaged_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +60,38 @@ def smollm2_dir(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path_factory.getbasetemp() / "llama-judge-cache"))
         return default_model_path()
+
+
+def llama3_tokenizer_file() -> Path:
+    llama_models = pytest.importorskip("llama_models")
+    files = sorted(Path(llama_models.__file__).parent.rglob("tokenizer.model"))
+    if not files:
+        pytest.skip("llama_models ships no tokenizer.model")
+    return files[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3(tmp_path_factory) -> Path:
+    """A random two-block Llama with the real Llama-3 vocabulary and tokenizer."""
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("tiny_llama3"), vocab_size=128256, bos_token_id=128000,
+                              eos_token_id=128001, max_shard_size="20MB")
+    shutil.copy(llama3_tokenizer_file(), path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tables")
+    train_rows = generate(48, seed=1)[["question", "answer", "solution", "is_correct"]]
+    test_rows = generate(13, seed=2).drop(columns=["is_correct"])
+    test_rows.insert(0, "ID", [f"row-{i}" for i in reversed(range(len(test_rows)))])
+    train_rows.to_csv(folder / "train.csv", index=False)
+    test_rows[["ID", "question", "answer", "solution"]].to_csv(folder / "test.csv", index=False)
+    return folder / "train.csv", folder / "test.csv"
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str):
+    return run.parse_args(["train", "--model", str(model), "--data", str(data), "--out", str(out),
+                           "--rank", "4", "--alpha", "8", "--batch-size", "4", "--grad-accum", "2",
+                           "--max-steps", "6", "--warmup-steps", "2", "--val-size", "8", "--eval-every", "3",
+                           "--max-len", "256", "--lr", "1e-3", "--lora-dropout", "0.1", *extra])

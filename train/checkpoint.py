@@ -1,49 +1,81 @@
-"""Resumable training state: adapter, optimizer, step, data position and RNG, written atomically."""
-import os
+"""Resumable training state: adapter, optimizer, step, data position and RNG, as safetensors + JSON (no pickle, so
+a checkpoint from elsewhere cannot run code), replaced as a whole folder."""
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data.errors import UserError
-from lora import lora_layers
+from common.errors import UserError
+from common.files import atomic_folder, read_json
 
-STATE_FILE = "state.pt"
+TENSORS_FILE = "state.safetensors"
+PROGRESS_FILE = "progress.json"
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / TENSORS_FILE).is_file() and (folder / PROGRESS_FILE).is_file()
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """`progress` holds step, data position and the best score so far; RNG states are added here."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "adapter": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "progress": progress,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    tmp = folder / f".{STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / STATE_FILE)
+    """`progress` holds step, data position and the best score so far; the optimizer's step counts, its
+    hyperparameters and the RNG states are added here."""
+    params = trainable_parameters(model)
+    tensors = {f"adapter.{name}": p.detach().cpu().contiguous() for name, p in params.items()}
+    steps = {}
+    for name, p in params.items():
+        state = optimizer.state.get(p)
+        if state:
+            tensors[f"exp_avg.{name}"] = state["exp_avg"].cpu().contiguous()
+            tensors[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].cpu().contiguous()
+            steps[name] = int(state["step"])
+    tensors["rng.cpu"] = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(cuda_states)})
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    record = {"progress": progress, "optimizer_steps": steps, "param_groups": groups, "cuda_devices": len(cuda_states)}
+    with atomic_folder(folder) as tmp:
+        save_file(tensors, tmp / TENSORS_FILE)
+        (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=2))
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restores model adapters, optimizer and RNG from `folder`; returns the saved progress."""
-    file = folder / STATE_FILE
-    if not file.is_file():
-        raise UserError(f"{folder}: no {STATE_FILE} to resume from")
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    if set(state["adapter"]) != {n for n, p in params.items() if p.requires_grad} or not lora_layers(model):
-        raise UserError(f"{file}: the checkpoint's adapter does not match the run's LoRA configuration")
+    """Restores the adapter, the optimizer and the RNG from `folder`; returns the saved progress."""
+    if not has_checkpoint(folder):
+        raise UserError(f"{folder}: no checkpoint to resume from ({TENSORS_FILE} and {PROGRESS_FILE})")
+    file = folder / TENSORS_FILE
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{file}: corrupt or truncated checkpoint ({err})") from None
+    record = read_json(folder / PROGRESS_FILE, f"{folder}: no {PROGRESS_FILE}")
+    params = trainable_parameters(model)
+    saved = {key.removeprefix("adapter."): value for key, value in tensors.items() if key.startswith("adapter.")}
+    if saved.keys() != params.keys():
+        extra = sorted(saved.keys() - params.keys()) or sorted(params.keys() - saved.keys())
+        raise UserError(f"{file}: the checkpoint's adapter does not match the run's LoRA layers (e.g. {extra[0]})")
+    for name, p in params.items():
+        for key in (f"adapter.{name}", f"exp_avg.{name}", f"exp_avg_sq.{name}"):
+            if key in tensors and tensors[key].shape != p.shape:
+                raise UserError(f"{file}: tensor {key} has shape {list(tensors[key].shape)}, the run's "
+                                f"parameter has {list(p.shape)}")
     with torch.no_grad():
-        for name, value in state["adapter"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["progress"]
+        for name, p in params.items():
+            p.copy_(tensors[f"adapter.{name}"])
+    for group, saved_group in zip(optimizer.param_groups, record["param_groups"]):
+        group.update(saved_group)
+    for name, step in record["optimizer_steps"].items():
+        p = params[name]
+        optimizer.state[p] = {"step": step,
+                              "exp_avg": tensors[f"exp_avg.{name}"].to(p.device, torch.float32),
+                              "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device, torch.float32)}
+    torch.set_rng_state(tensors["rng.cpu"])
+    if record["cuda_devices"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(record["cuda_devices"])])
+    return record["progress"]

@@ -6,8 +6,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from data.errors import UserError
-from data.tables import read_json_objects
+from common.errors import UserError
+from common.files import read_json_lines
 
 
 def read_metrics(metrics_jsonl: Path) -> tuple[dict[int, dict], dict[str, dict[int, dict]]]:
@@ -20,7 +20,7 @@ def read_metrics(metrics_jsonl: Path) -> tuple[dict[int, dict], dict[str, dict[i
     evals: dict[str, dict[int, dict]] = {}
     if not Path(metrics_jsonl).is_file():
         raise UserError(f"{metrics_jsonl}: metrics file not found")
-    for record in read_json_objects(Path(metrics_jsonl)):
+    for record in read_json_lines(Path(metrics_jsonl)):
         if not isinstance(record.get("step"), int):
             raise UserError(f"{metrics_jsonl}: a record without an integer 'step': {json.dumps(record)[:80]}")
         if "split" in record:

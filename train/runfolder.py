@@ -1,0 +1,148 @@
+"""A run folder: created once, written by one process at a time, its config.json a manifest of the run.
+
+Layout: config.json (flags and manifest), metrics.jsonl, checkpoint/ (for --resume), adapter/, adapter_best/,
+summary.json, training.png. Every file and folder is replaced atomically (common.files)."""
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from common.errors import UserError
+from common.files import read_json, write_json
+from train.checkpoint import has_checkpoint
+
+CONFIG = "config.json"
+LOCK = ".lock"
+PACKAGES = ("torch", "bitsandbytes", "numpy", "pandas", "safetensors", "tiktoken", "sentencepiece")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class RunFolder:
+    """Holds the folder's lock for as long as the object lives (released by the OS if the process dies)."""
+
+    def __init__(self, path: Path, created: bool):
+        self.path, self.created = path, created
+        self.config, self.metrics, self.summary = path / CONFIG, path / "metrics.jsonl", path / "summary.json"
+        self.checkpoint, self.adapter, self.adapter_best = path / "checkpoint", path / "adapter", path / "adapter_best"
+        self.plot = path / "training.png"
+        self._lock = _lock(path)
+
+    @classmethod
+    def create(cls, out: Path) -> "RunFolder":
+        """A new run in `out`, which must not exist yet or be an empty folder."""
+        out = out.absolute()
+        check_new_run_path(out)
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {out}: cannot create the run folder ({err.strerror})") from None
+        folder = cls(out, created)
+        if any(p.name != LOCK for p in out.iterdir()):  # another process got here first
+            folder.release()
+            raise UserError(f"--out {out}: another run started in this folder")
+        return folder
+
+    @classmethod
+    def open(cls, path: Path) -> "RunFolder":
+        """An existing run, to resume."""
+        path = path.absolute()
+        if not (path / CONFIG).is_file():
+            raise UserError(f"--resume {path}: no run there ({CONFIG} missing)")
+        return cls(path, created=False)
+
+    def read_config(self) -> dict:
+        config = read_json(self.config, f"--resume {self.path}: no run there ({CONFIG} missing)")
+        if not isinstance(config.get("flags"), dict):
+            raise UserError(f"{self.config}: not a run's config (no 'flags' object)")
+        return config
+
+    def has_checkpoint(self) -> bool:
+        return has_checkpoint(self.checkpoint)
+
+    def discard_if_unsaved(self) -> bool:
+        """Removes what a run that failed before its first checkpoint wrote, so that the same command can run
+        again; True if it did. A run with a checkpoint is kept for --resume."""
+        if self.has_checkpoint():
+            return False
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for child in self.path.iterdir():
+                if child.name != LOCK:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self.release()
+        return True
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def check_new_run_path(out: Path) -> None:
+    """A new run may only go where nothing would be overwritten: a path that does not exist or an empty folder."""
+    if (out / CONFIG).is_file():
+        raise UserError(f"--out {out}: a run already lives there (use --resume {out} to continue it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+        raise UserError(f"--out {out}: the folder is not empty and holds no run; choose a new or empty folder")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: {parent} is not writable")
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{path}: another process (pid {holder}) is writing this run; wait for it or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty", "--abbrev=40"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def manifest(data_path: Path, device: str, gpu: str | None, precision: str, quantization: str) -> dict:
+    """What, besides the flags, decides what a run computes: code, packages, data, hardware, numerics."""
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "cwd": os.getcwd(),
+            "git_commit": _git_commit(), "python": platform.python_version(),
+            "packages": {p: _version(p) for p in PACKAGES}, "data_sha256": file_sha256(data_path),
+            "device": device, "gpu": gpu, "precision": precision, "quantization": quantization}
+
+
+def write_config(folder: RunFolder, flags: dict, run_manifest: dict, resumes: list[dict] = ()) -> None:
+    write_json(folder.config, {"flags": flags, "manifest": run_manifest, "resumes": list(resumes)})

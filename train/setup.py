@@ -1,0 +1,50 @@
+"""What training and scoring share before the loop: the device, the tokenizer and label tokens, the frozen base."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from data import Template, label_token_ids
+from model import load_llama, load_tokenizer
+from model.default import default_model_path
+
+
+@dataclass
+class Base:
+    """The frozen base a run trains on, resolved but not yet loaded: tokenizer, label tokens and numerics."""
+    device: torch.device
+    model_path: Path
+    tokenizer: object
+    template: Template
+    label_ids: torch.Tensor  # (False, True) token ids on the device: class 1 is True
+    quantization: str  # "nf4" or "none"
+    dtype: torch.dtype  # of the frozen weights
+
+    @property
+    def precision(self) -> str:
+        autocast = "bf16 autocast" if self.device.type == "cuda" else "no autocast"
+        return f"{str(self.dtype).removeprefix('torch.')} weights, {autocast}"
+
+    def load_model(self) -> nn.Module:
+        return load_llama(self.model_path, dtype=self.dtype, device=self.device,
+                          quantize=None if self.quantization == "none" else self.quantization)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_base(model: str | None, quant: str | None, template: Template, device: torch.device) -> Base:
+    """The tokenizer and label tokens of `model` (default: the packaged SmolLM2), and the quantization and dtype
+    its weights will have on `device`: NF4 on CUDA unless `quant` says otherwise. Reads no weights."""
+    model_path = Path(model).absolute() if model else default_model_path()
+    if not model_path.is_dir():
+        raise UserError(f"--model {model_path}: model folder does not exist")
+    tokenizer = load_tokenizer(model_path)
+    true_id, false_id = label_token_ids(template, tokenizer)
+    quantization = quant or ("nf4" if device.type == "cuda" else "none")
+    dtype = torch.bfloat16 if device.type == "cuda" or quantization == "nf4" else torch.float32
+    label_ids = torch.tensor([false_id, true_id], device=device)
+    return Base(device, model_path, tokenizer, template, label_ids, quantization, dtype)

@@ -1,0 +1,32 @@
+"""The training rows as a stream of optimizer steps, each a list of micro-batches of row positions; its position is
+part of a checkpoint."""
+import numpy as np
+
+from data import train_batch_order
+
+
+class StepStream:
+    """Each step takes up to `grad_accum` micro-batches of one epoch: an epoch ends with a short step rather than
+    lending rows of the next, so `epochs` passes are exactly that many (train.schedule.total_steps counts them so).
+    Under data parallelism each rank streams its own disjoint share (rank, world_size)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, grad_accum: int, seed: int, epoch: int = 0,
+                 index: int = 0, rank: int = 0, world_size: int = 1):
+        self.lengths, self.batch_size, self.grad_accum, self.seed = lengths, batch_size, grad_accum, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.index = epoch, index
+        self.order = self._epoch_order()
+
+    def _epoch_order(self) -> list[np.ndarray]:
+        return train_batch_order(self.lengths, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)
+
+    def __next__(self) -> list[np.ndarray]:
+        if self.index == len(self.order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = self._epoch_order()
+        step = self.order[self.index : self.index + self.grad_accum]
+        self.index += len(step)
+        return step
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
