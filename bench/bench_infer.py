@@ -2,8 +2,9 @@
 
 The table has 10,000 rows of random token ids whose lengths are drawn (with replacement) from the Llama-3 token
 counts of ../shared/data/gsm8k_verify/dev.csv under the with_solution template. Both models are the 4-bit
-checkpoint with a fresh LoRA (B = 0) on the seven projections. Ours runs train.predict.predict_p_true with
-token-budget batches, for each budget given, and attention without cuDNN, as `run.py infer` does; the stack runs
+checkpoint with a fresh LoRA (B = 0) on the seven projections. Ours runs train.predict.predict_p_true as `run.py
+infer` does by default (compiled blocks, rows packed into lines of each budget given) and as it did before
+(`--packing off --eager`: token-budget batches, each padded to its longest row, attention without cuDNN); the stack runs
 batches of 32 rows in input order, left-padded with an attention mask, last position only (logits_to_keep=1).
 P(True) comes from the same two label-token logits.
 Target: >= 1.5x the stack's rows/s, same predictions.
@@ -23,6 +24,7 @@ from bench.common import (DEV_CSV, checkpoint_path, clock, emit, env_info, imple
 from data import Tokenized, get_template, label_token_ids, read_table, tokenize_table  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama, load_tokenizer  # noqa: E402
+from train.fastpath import FastPath  # noqa: E402
 from train.predict import attention_without_cudnn, autocast, predict_p_true  # noqa: E402
 
 WARMUP_ROWS = 64
@@ -49,8 +51,12 @@ def realistic_table(tokenizer, rows: int, vocab_size: int, seed: int) -> Tokeniz
 
 
 def ours_p_true(model: torch.nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int, budget: int,
-                device: torch.device) -> np.ndarray:
-    """As `run.py infer` scores: token-budget batches, attention without cuDNN (every batch has its own shape)."""
+                device: torch.device, packed: bool) -> np.ndarray:
+    """As `run.py infer` scores: packed lines of one shape, or token-budget batches with attention without cuDNN
+    (every batch has its own shape)."""
+    if packed:
+        return predict_p_true(model, table, label_ids, pad_id, budget, device, pack=True,
+                              max_seqlen=int(table.lengths.max()))
     with attention_without_cudnn(device):
         return predict_p_true(model, table, label_ids, pad_id, budget, device)
 
@@ -77,14 +83,16 @@ def stack_p_true(model: torch.nn.Module, table: Tokenized, label_ids: torch.Tens
 
 
 def timed(predict, table: Tokenized, device: torch.device) -> tuple[np.ndarray, dict]:
-    predict(table.subset(np.arange(min(WARMUP_ROWS, len(table) // 4 + 1))))  # kernels and allocator warm
+    warm_start = clock(device)
+    predict(table.subset(np.arange(min(WARMUP_ROWS, len(table) // 4 + 1))))  # compiles; kernels and allocator warm
+    warmup_s = clock(device) - warm_start
     reset_peak(device)
     start = clock(device)
     p_true = predict(table)
     seconds = clock(device) - start
     return p_true, {"rows_per_s": round(len(table) / seconds, 1),
                     "tokens_per_s": round(int(table.lengths.sum()) / seconds),
-                    "seconds": round(seconds, 1), **peak_memory(device)}
+                    "seconds": round(seconds, 1), "warmup_s": round(warmup_s, 1), **peak_memory(device)}
 
 
 def agreement(p: np.ndarray, reference: np.ndarray) -> dict:
@@ -121,10 +129,18 @@ def main() -> None:
             if args.rank:
                 apply_lora(model, args.rank, args.alpha, verbose=False)
             record["ours"] = {}
+            predictions["unpacked"], record["ours_unpacked_eager"] = timed(
+                lambda t: ours_p_true(model, t, label_ids, tokenizer.pad_id, budgets[0], device, packed=False),
+                table, device)
+            print(f"ours, unpacked eager, budget {budgets[0]}: {record['ours_unpacked_eager']}", file=sys.stderr)
+            fast = FastPath(model, device, compile=device.type == "cuda")
             for budget in budgets:
                 predictions[budget], record["ours"][budget] = timed(
-                    lambda t: ours_p_true(model, t, label_ids, tokenizer.pad_id, budget, device), table, device)
-                print(f"ours, budget {budget}: {record['ours'][budget]}", file=sys.stderr)
+                    lambda t: fast.run(lambda: ours_p_true(model, t, label_ids, tokenizer.pad_id, budget, device,
+                                                           packed=True)), table, device)
+                record["ours"][budget]["vs_unpacked"] = agreement(predictions[budget], predictions["unpacked"])
+                print(f"ours, packed, compiled: {fast.compiled}, budget {budget}: {record['ours'][budget]}",
+                      file=sys.stderr)
         else:
             model = load_stack(path, device)
             if args.rank:

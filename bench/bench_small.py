@@ -32,6 +32,7 @@ from model.default import default_model_path  # noqa: E402
 from model.tokenizer import BPE_FILE  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
+from train.batch import right_padded  # noqa: E402
 from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 RANK = ALPHA = 64
@@ -85,7 +86,7 @@ def ours_trainer(path: Path, device: torch.device, compile_mode: str):
         batch, seq = tokens.shape
         lengths = torch.full((batch,), seq, device=device)
         labels = torch.randint(0, 2, (batch,), device=device)
-        optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids, graphs=graphs)
+        optimizer_step(model, optimizer, [right_padded(tokens, lengths, labels)], label_ids, graphs=graphs)
     return model, step
 
 

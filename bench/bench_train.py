@@ -30,6 +30,7 @@ from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
+from train.batch import right_padded  # noqa: E402
 from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 LABEL_IDS = (837, 3082)  # any two fixed token ids serve as (False, True) on random weights
@@ -67,7 +68,7 @@ def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, to
     def step(tokens: torch.Tensor) -> float:
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=device)
         labels = torch.randint(0, 2, (tokens.shape[0],), device=device)
-        return optimizer_step(model, optimizer, [(tokens, lengths, labels)], label_ids, graphs=graphs)[0]
+        return optimizer_step(model, optimizer, [right_padded(tokens, lengths, labels)], label_ids, graphs=graphs)[0]
 
     return set_checkpointing, step, optimizer, trainable_parameters(model)
 

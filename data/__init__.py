@@ -1,17 +1,22 @@
 """Tables → validated rows → prompts → token ids (cached) → length-bucketed, right-padded batches."""
-from data.batches import budget_batches, collate, padded_length, train_batch_order
+from data.batches import (PackedLine, budget_batches, collate, collate_line, max_rows_per_line, pack_lines,
+                          padded_length, train_batch_order)
 from data.split import split_train_val, validation_rows
 from data.tables import read_labels, read_table, required_columns, table_labels
 from data.templates import Template, get_template, label_token_ids
 from data.tokenize import Tokenized, tokenize_table
 
 __all__ = [
+    "PackedLine",
     "Template",
     "Tokenized",
     "budget_batches",
     "collate",
+    "collate_line",
     "get_template",
     "label_token_ids",
+    "max_rows_per_line",
+    "pack_lines",
     "padded_length",
     "read_labels",
     "read_table",

@@ -1,4 +1,7 @@
-"""Batches of row positions: length-bucketed and shuffled for training, filled to a token budget for inference."""
+"""Batches of row positions: length-bucketed and shuffled for training, filled to a token budget for inference;
+right-padded [B, T], or packed end to end into lines of a fixed number of tokens."""
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -6,6 +9,7 @@ from common.errors import UserError
 from data.tokenize import Tokenized
 
 BUCKET_BATCHES = 64  # rows are sorted by length within windows of this many steps
+MIN_ROW_TOKENS = 16  # a line holds at most budget // 16 rows, so that its per-row tensors have one size
 
 
 def train_batch_order(
@@ -66,3 +70,70 @@ def collate(
     tokens[is_token] = tokenized.subset(rows).ids  # row-major: row after row, as subset lays them out
     labels = None if tokenized.labels is None else torch.from_numpy(tokenized.labels[rows])
     return torch.from_numpy(tokens), torch.from_numpy(lengths), labels
+
+
+def max_rows_per_line(budget: int) -> int:
+    return max(1, budget // MIN_ROW_TOKENS)
+
+
+def pack_lines(lengths: np.ndarray, rows: np.ndarray, budget: int) -> list[np.ndarray]:
+    """`rows` (positions) in lines of at most `budget` tokens and `max_rows_per_line(budget)` rows: longest first,
+    each into the first line with room for it (first-fit decreasing), so that few lines carry padding."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    if len(order) and lengths[order[0]] > budget:
+        raise UserError(f"token budget {budget} is smaller than the longest prompt ({lengths[order[0]]} tokens)")
+    capacity = max_rows_per_line(budget)
+    room = np.zeros(len(order), dtype=np.int64)  # free tokens of each line opened so far
+    count = np.zeros(len(order), dtype=np.int64)
+    line_of = np.empty(len(order), dtype=np.int64)
+    n_lines = 0
+    for i, row in enumerate(order.tolist()):
+        fits = (room[:n_lines] >= lengths[row]) & (count[:n_lines] < capacity)
+        line = int(np.argmax(fits)) if fits.any() else n_lines
+        if line == n_lines:
+            room[line], n_lines = budget, n_lines + 1
+        room[line] -= lengths[row]
+        count[line] += 1
+        line_of[i] = line
+    return [order[line_of == line] for line in range(n_lines)]
+
+
+@dataclass
+class PackedLine:
+    """Rows laid end to end in `budget` tokens, every tensor of a size fixed by (budget, max_seqlen)."""
+    tokens: torch.Tensor  # int64 [1, budget]: the rows, then pad_id
+    positions: torch.Tensor  # int64 [budget]: each token's position within its row (or padding chunk)
+    cu_seqlens: torch.Tensor  # int32 [S + 1]: rows, padding chunks of at most max_seqlen, then empty sequences
+    doc: torch.Tensor  # int64 [budget]: each token's sequence
+    last: torch.Tensor  # int64 [max_rows_per_line]: each row's last token; 0 in the empty slots
+    labels: torch.Tensor | None  # int64 [max_rows_per_line], 0 in the empty slots
+    weights: torch.Tensor  # float32 [max_rows_per_line]: 1 for a row, 0 for an empty slot
+    max_seqlen: int
+
+
+def collate_line(tokenized: Tokenized, rows: np.ndarray, pad_id: int, budget: int, max_seqlen: int) -> PackedLine:
+    """The rows at `rows` (in that order) packed into one line; no row may be longer than max_seqlen."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = tokenized.lengths[rows]
+    capacity = max_rows_per_line(budget)
+    used = int(lengths.sum())
+    if len(rows) > capacity or used > budget or (len(rows) and lengths.max() > max_seqlen):
+        raise ValueError(f"{len(rows)} rows of {used} tokens do not fit a line of {budget} tokens and {capacity} rows")
+    chunks = [max_seqlen] * ((budget - used) // max_seqlen) + [(budget - used) % max_seqlen]
+    sequences = np.array([*lengths, *(c for c in chunks if c)], dtype=np.int64)
+    n_sequences = capacity + -(-budget // max_seqlen)
+    cu_seqlens = np.full(n_sequences + 1, budget, dtype=np.int32)
+    cu_seqlens[: len(sequences) + 1] = np.concatenate([[0], np.cumsum(sequences)])
+    starts = np.repeat(cu_seqlens[: len(sequences)], sequences)
+    tokens = np.full(budget, pad_id, dtype=np.int64)
+    tokens[:used] = tokenized.subset(rows).ids
+    last, labels, weights = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64), np.zeros(capacity, np.float32)
+    last[: len(rows)] = cu_seqlens[1 : len(rows) + 1] - 1
+    weights[: len(rows)] = 1
+    if tokenized.labels is not None:
+        labels[: len(rows)] = tokenized.labels[rows]
+    return PackedLine(torch.from_numpy(tokens)[None], torch.from_numpy(np.arange(budget) - starts),
+                      torch.from_numpy(cu_seqlens), torch.from_numpy(np.repeat(np.arange(len(sequences)), sequences)),
+                      torch.from_numpy(last), None if tokenized.labels is None else torch.from_numpy(labels),
+                      torch.from_numpy(weights), max_seqlen)

@@ -1,5 +1,9 @@
-"""The Llama-3.1 decoder. Module names follow the Hugging Face checkpoint, so weights load by name."""
+"""The Llama-3.1 decoder. Module names follow the Hugging Face checkpoint, so weights load by name.
+
+Rows come right-padded, [B, T], or packed end to end into one line, [1, T], with a `Packing` that says where each
+row starts; then positions restart at each row and attention stays within it."""
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -7,6 +11,21 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig
+
+try:  # variable-length flash attention (torch >= 2.9)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+class Packing(NamedTuple):
+    """Where the rows of a packed line [1, T] lie: sequence s is positions cu_seqlens[s]:cu_seqlens[s + 1] (the
+    rows, then the padding, then empty sequences so that every line has the same number); `doc` [T] is each
+    position's sequence, `positions` [T] its position within it. No sequence is longer than `max_seqlen`."""
+    cu_seqlens: Tensor  # int32 [S + 1]
+    doc: Tensor  # int64 [T]
+    positions: Tensor  # int64 [T]
+    max_seqlen: int
 
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
@@ -39,6 +58,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing) -> Tensor:
+    """Causal attention within each sequence of a packed line: q [T, H, hd], k and v [T, KV, hd] → [T, H, hd].
+    Flash attention's variable-length kernel on CUDA; elsewhere one scaled_dot_product_attention per sequence."""
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    if q.is_cuda and varlen_attn is not None and q.dtype in (torch.bfloat16, torch.float16):
+        k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)
+        cu = packing.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen, window_size=(-1, 0))
+    bounds = packing.cu_seqlens.tolist()
+    pieces = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                             enable_gqa=n_kv_heads != n_heads).transpose(0, 1)
+              for a, b in zip(bounds, bounds[1:]) if b > a]
+    return torch.cat(pieces)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -60,8 +94,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None = None) -> Tensor:
-        """[B, T, D] for every position, or [B, 1, D] for the position `last` [B] of each row only."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None = None,
+                packing: Packing | None = None) -> Tensor:
+        """[B, T, D] for every position, or [B, 1, D] for the position `last` [B] of each row only. Packed
+        ([1, T, D] with `packing`): [1, T, D], or [1, R, D] for the positions `last` [R]."""
+        if packing is not None:
+            return self._packed(x[0], cos, sin, last, packing).unsqueeze(0)
         batch, seq_len, _ = x.shape
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -78,6 +116,24 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], enable_gqa=gqa)
             seq_len = 1
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
+
+    def _packed(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None, packing: Packing) -> Tensor:
+        """x [T, D], cos and sin [T, hd] at each token's own position → [T, D], or [R, D] at `last`."""
+        seq_len = x.shape[0]
+        k = apply_rope(self.k_proj(x).view(seq_len, self.n_kv_heads, self.head_dim), cos[:, None], sin[:, None])
+        v = self.v_proj(x).view(seq_len, self.n_kv_heads, self.head_dim)
+        if last is None:
+            q = apply_rope(self.q_proj(x).view(seq_len, self.n_heads, self.head_dim), cos[:, None], sin[:, None])
+            y = packed_causal_attention(q, k, v, packing)
+        else:  # one query per row, seeing its own row up to itself
+            q = apply_rope(self.q_proj(x[last]).view(len(last), self.n_heads, self.head_dim),
+                           cos[last, None], sin[last, None])
+            visible = ((packing.doc == packing.doc[last, None])
+                       & (torch.arange(seq_len, device=x.device) <= last[:, None]))  # [R, T]
+            y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                               attn_mask=visible, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = y.transpose(0, 1)
+        return self.o_proj(y.reshape(y.shape[0], self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -100,10 +156,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None = None) -> Tensor:
-        """[B, T, D], or [B, 1, D] at the position `last` [B] of each row (keys and values still span all)."""
-        residual = x if last is None else x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
-        x = residual + self.self_attn(self.input_layernorm(x), cos, sin, last)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, last: Tensor | None = None,
+                packing: Packing | None = None) -> Tensor:
+        """[B, T, D], or [B, 1, D] at the position `last` [B] of each row (keys and values still span all);
+        packed, [1, T, D] or [1, R, D] at the positions `last` [R]."""
+        if last is None:
+            residual = x
+        elif packing is None:
+            residual = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)
+        else:
+            residual = x[:, last]
+        x = residual + self.self_attn(self.input_layernorm(x), cos, sin, last, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -131,22 +194,33 @@ class Llama(nn.Module):
         for block in self.model.layers:
             block.compile()
 
-    def hidden_states(self, tokens: Tensor, last: Tensor | None = None) -> Tensor:
+    def uncompile_blocks(self) -> None:
+        for block in self.model.layers:
+            block._compiled_call_impl = None  # what nn.Module.compile set
+
+    def hidden_states(self, tokens: Tensor, last: Tensor | None = None, packing: Packing | None = None) -> Tensor:
         """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]; with `last` [B], only those
         at each row's position `last`, [B, D]: then the final block skips every other position's query,
-        attention output and MLP, which nothing downstream reads."""
+        attention output and MLP, which nothing downstream reads. Packed rows ([1, T] with `packing`): [1, T, D],
+        or [R, D] at the positions `last` [R] of the line."""
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, tokens.shape[1], x.dtype)
+        if packing is None:
+            cos, sin = rope_cos_sin(self.inv_freq, tokens.shape[1], x.dtype)
+        else:
+            cos, sin = rope_cos_sin(self.inv_freq, packing.max_seqlen, x.dtype)
+            cos, sin = cos[packing.positions], sin[packing.positions]
         n_recomputed = len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint)
         final = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
-            args = (x, cos, sin, last) if i == final and last is not None else (x, cos, sin)
+            args = (x, cos, sin, last if i == final else None, packing)
             if i < n_recomputed and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
         x = self.model.norm(x)
-        return x if last is None else x.squeeze(1)
+        if last is None:
+            return x
+        return x.squeeze(1) if packing is None else x.squeeze(0)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits [B, T, V]."""

@@ -12,6 +12,7 @@ from lora import apply_lora, lora_layers
 from model import load_llama
 from train.graphs import BackwardGraphs
 from train.objective import loss_sum
+from train.batch import right_padded
 from train.optim import AdamW
 from train.predict import autocast
 from train.step import graphed_backward, optimizer_step
@@ -19,11 +20,11 @@ from train.step import graphed_backward, optimizer_step
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def every_position_loss(model, tokens, lengths, labels, label_ids):
+def every_position_loss(model, rows, label_ids):
     """The two-class loss read off the full [B, T, D] hidden states, as before the final block was trimmed."""
-    hidden = model.hidden_states(tokens)[torch.arange(len(tokens), device=tokens.device), lengths - 1]
+    hidden = model.hidden_states(rows.tokens)[torch.arange(len(rows.tokens), device=rows.tokens.device), rows.last]
     logits = hidden @ model.lm_head.weight[label_ids].to(hidden.dtype).T
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return F.cross_entropy(logits.float(), rows.labels, reduction="sum")
 
 
 def lora_model(checkpoint, device, dtype, fast_path=None, quantize=None, dropout=0.0):
@@ -46,15 +47,15 @@ def batch(device, seed=2, seq_len=14):
     lengths = torch.tensor([seq_len, 9, 3], device=device)
     tokens = torch.randint(0, 300, (3, seq_len), generator=generator).to(device)
     tokens = tokens * (torch.arange(seq_len, device=device) < lengths[:, None])
-    return tokens, lengths, torch.tensor([1, 0, 1], device=device)
+    return right_padded(tokens, lengths, torch.tensor([1, 0, 1], device=device))
 
 
 def backward(model, micro_batches, dtype, every_position=False):
     """The summed loss of the micro-batches and the LoRA gradients it accumulates (then cleared)."""
-    label_ids, total = torch.tensor([3, 4], device=micro_batches[0][0].device), 0
-    for tokens, lengths, labels in micro_batches:
-        with autocast(tokens.device) if dtype != torch.float32 else torch.autocast("cpu", enabled=False):
-            loss = (every_position_loss if every_position else loss_sum)(model, tokens, lengths, labels, label_ids)
+    label_ids, total = torch.tensor([3, 4], device=micro_batches[0].tokens.device), 0
+    for rows in micro_batches:
+        with autocast(rows.tokens.device) if dtype != torch.float32 else torch.autocast("cpu", enabled=False):
+            loss = (every_position_loss if every_position else loss_sum)(model, rows, label_ids)
         loss.backward()
         total += loss.detach().float().cpu()
     grads = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.requires_grad])
@@ -141,8 +142,8 @@ def test_cuda_graphs_draw_new_dropout_masks_at_every_replay(tiny_checkpoint):
     model = lora_model(tiny_checkpoint, "cuda", torch.bfloat16, dropout=0.5)
     params = [p for p in model.parameters() if p.requires_grad]
     graphs = graphed_backward(model, params, torch.tensor([3, 4], device="cuda"))
-    tokens, lengths, labels = batch("cuda", seq_len=16)
-    losses = [graphs(tokens, lengths, labels, 1.0).item() for _ in range(4)]
+    rows = batch("cuda", seq_len=16)
+    losses = [graphs(rows, 1.0).item() for _ in range(4)]
     assert len(set(losses)) == 4
 
 
@@ -151,4 +152,4 @@ def test_cuda_graphs_refuse_gradients_replaced_behind_their_back():
     graphs = BackwardGraphs(lambda *inputs: torch.zeros(()), params)
     params[0].grad = None
     with pytest.raises(RuntimeError, match="replaced"):
-        graphs(torch.zeros(1), torch.zeros(1), torch.zeros(1), 1.0)
+        graphs(right_padded(torch.zeros(1, 1), torch.ones(1)), 1.0)

@@ -13,6 +13,7 @@ from model.checkpoint import PROJECTIONS
 from model.config import LLAMA_3_1_8B
 from model.nf4 import dequantize_nf4, quantize_nf4
 from train.objective import label_logits, last_token_hidden
+from train.batch import right_padded
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,8 +139,8 @@ def test_label_logits_are_float32(tiny_checkpoint, autocast):
     model = load_llama(tiny_checkpoint, dtype=torch.float32 if autocast else torch.bfloat16)
     tokens, lengths, label_ids = torch.randint(0, 300, (3, 10)), torch.tensor([10, 4, 7]), torch.tensor([17, 42])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = label_logits(model, tokens, lengths, label_ids)
-        hidden = last_token_hidden(model, tokens, lengths)
+        logits = label_logits(model, right_padded(tokens, lengths), label_ids)
+        hidden = last_token_hidden(model, right_padded(tokens, lengths))
     assert logits.dtype == torch.float32
     assert torch.equal(logits, hidden.float() @ model.lm_head.weight[label_ids].float().T)
 

@@ -9,6 +9,7 @@ import train.step
 from lora import apply_lora, lora_layers
 from model import load_llama
 from train.objective import loss_sum
+from train.batch import right_padded
 from train.optim import AdamW
 from train.step import optimizer_step
 
@@ -22,8 +23,8 @@ def model_and_batches(tiny_checkpoint):
         for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_(std=0.05)
     generator = torch.Generator().manual_seed(2)
-    batches = [(torch.randint(0, 300, (n, 6), generator=generator), torch.full((n,), 6), torch.tensor([1, 0, 1][:n]))
-               for n in (3, 2)]
+    batches = [right_padded(torch.randint(0, 300, (n, 6), generator=generator), torch.full((n,), 6),
+                            torch.tensor([1, 0, 1][:n])) for n in (3, 2)]
     return model, batches
 
 
@@ -33,11 +34,11 @@ def trainable(model):
 
 def test_loss_is_the_mean_over_all_rows_and_norm_is_before_clipping(model_and_batches):
     model, batches = model_and_batches
-    for tokens, lengths, labels in batches:
-        (loss_sum(model, tokens, lengths, labels, LABEL_IDS) / 5).backward()
+    for rows in batches:
+        (loss_sum(model, rows, LABEL_IDS) / 5).backward()
     expected_norm = torch.cat([p.grad.flatten() for p in trainable(model)]).norm().item()
     with torch.no_grad():
-        expected_loss = sum(loss_sum(model, *batch, LABEL_IDS).item() for batch in batches) / 5
+        expected_loss = sum(loss_sum(model, batch, LABEL_IDS).item() for batch in batches) / 5
     model.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in trainable(model)]
 

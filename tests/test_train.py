@@ -24,6 +24,7 @@ from lora import apply_lora
 from model import load_llama
 from model.llama import Llama
 from train.objective import label_logits, loss_sum
+from train.batch import right_padded
 
 
 @pytest.fixture(autouse=True)
@@ -38,10 +39,10 @@ def test_two_class_loss_is_the_full_vocabulary_loss_restricted_to_the_label_toke
     with torch.no_grad():
         full = model(tokens)[torch.arange(3), lengths - 1]
         expected = F.cross_entropy(full[:, label_ids], labels, reduction="sum")
-        torch.testing.assert_close(label_logits(model, tokens, lengths, label_ids), full[:, label_ids])
-        torch.testing.assert_close(loss_sum(model, tokens, lengths, labels, label_ids), expected)
+        torch.testing.assert_close(label_logits(model, right_padded(tokens, lengths), label_ids), full[:, label_ids])
+        torch.testing.assert_close(loss_sum(model, right_padded(tokens, lengths, labels), label_ids), expected)
         lm = F.cross_entropy(full, label_ids[labels], reduction="sum")
-        torch.testing.assert_close(loss_sum(model, tokens, lengths, labels, label_ids, kind="lm"), lm)
+        torch.testing.assert_close(loss_sum(model, right_padded(tokens, lengths, labels), label_ids, kind="lm"), lm)
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny_checkpoint):
@@ -55,12 +56,12 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny_checkpoin
     labels, label_ids = torch.tensor([1, 0, 0, 1, 1, 0]), torch.tensor([5, 6])
     params = [p for p in model.parameters() if p.requires_grad]
 
-    (loss_sum(model, tokens, lengths, labels, label_ids) / 6).backward()
+    (loss_sum(model, right_padded(tokens, lengths, labels), label_ids) / 6).backward()
     one_batch = [p.grad.clone() for p in params]
     model.zero_grad()
     for rows in (slice(0, 2), slice(2, 4), slice(4, 6)):
         width = int(lengths[rows].max())
-        (loss_sum(model, tokens[rows, :width], lengths[rows], labels[rows], label_ids) / 6).backward()
+        (loss_sum(model, right_padded(tokens[rows, :width], lengths[rows], labels[rows]), label_ids) / 6).backward()
     for accumulated, expected in zip((p.grad for p in params), one_batch):
         torch.testing.assert_close(accumulated, expected, rtol=1e-4, atol=1e-6)
 
@@ -125,7 +126,7 @@ def test_non_finite_step_stops_with_the_step(tiny_llama3, tables, tmp_path, monk
     def broken_from_step_5(*args, **kwargs):
         calls.append(1)
         loss = real_loss_sum(*args, **kwargs)
-        if len(calls) <= 8:  # two micro-batches a step
+        if len(calls) <= 8:  # two micro-batches a step (unpacked)
             return loss
         if broken == "loss":
             return loss * float("nan")
@@ -133,7 +134,7 @@ def test_non_finite_step_stops_with_the_step(tiny_llama3, tables, tmp_path, monk
 
     monkeypatch.setattr(train.step, "loss_sum", broken_from_step_5)
     with pytest.raises(UserError, match=rf"{message} at step 5; the last good checkpoint is in .*checkpoint"):
-        train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "run"))
+        train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "run", "--packing", "off"))
     assert (tmp_path / "run" / "checkpoint" / "state.safetensors").is_file()
 
 
@@ -194,12 +195,12 @@ def test_compiled_runs_pad_training_and_evaluation_batches(tiny_llama3, tables, 
     # Each new batch shape costs a compiled run a compilation; padding to multiples of 64 keeps the shapes few.
     widths, real_hidden_states = [], Llama.hidden_states
 
-    def recording_hidden_states(self, tokens, last=None):
+    def recording_hidden_states(self, tokens, last=None, packing=None):
         widths.append(tokens.shape[1])
-        return real_hidden_states(self, tokens, last)
+        return real_hidden_states(self, tokens, last, packing)
     monkeypatch.setattr(Llama, "compile_blocks", lambda self: None)  # inductor on the CPU takes a minute
     monkeypatch.setattr(Llama, "hidden_states", recording_hidden_states)
-    train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
+    train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--packing", "off", *flags))
     assert widths and all(width % multiple == 0 for width in widths)
     assert multiple == 64 or any(width % 64 for width in widths)  # the plain run does not pad
 
@@ -207,8 +208,8 @@ def test_compiled_runs_pad_training_and_evaluation_batches(tiny_llama3, tables, 
 @pytest.mark.parametrize("flags, passes_without_cudnn", [((), 6 + 2), (("--compile",), 0)])
 def test_eager_runs_avoid_cudnn_attention_and_compiled_ones_keep_it(tiny_llama3, tables, tmp_path, monkeypatch, flags,
                                                                     passes_without_cudnn):
-    # Eager batches each take a new shape, for which cuDNN would build a plan; compiled runs pad to few shapes.
-    # train_args runs 6 steps and evaluates twice; then infer scores a table once.
+    # Unpacked eager batches each take a new shape, for which cuDNN would build a plan; compiled runs pad to few
+    # shapes (and packed ones have one). train_args runs 6 steps and evaluates twice; then infer scores a table once.
     devices = []
 
     @contextmanager
@@ -218,9 +219,10 @@ def test_eager_runs_avoid_cudnn_attention_and_compiled_ones_keep_it(tiny_llama3,
     monkeypatch.setattr(Llama, "compile_blocks", lambda self: None)
     monkeypatch.setattr(train.loop, "attention_without_cudnn", record)
     monkeypatch.setattr(train.infer, "attention_without_cudnn", record)
-    run_dir = train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", *flags))
+    run_dir = train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--packing", "off", *flags))
     assert len(devices) == passes_without_cudnn
-    assert run.main(["infer", "--run", str(run_dir), "--data", str(tables[1]), "--out", str(tmp_path / "sub.csv")]) == 0
+    assert run.main(["infer", "--run", str(run_dir), "--data", str(tables[1]), "--out", str(tmp_path / "sub.csv"),
+                     "--packing", "off"]) == 0
     assert len(devices) == passes_without_cudnn + 1
     assert set(devices) == {train.loop.pick_device()}
 

@@ -7,11 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-MicroBackward = Callable[[Tensor, Tensor, Tensor, "Tensor | float"], Tensor]  # (tokens, lengths, labels, scale)
+from train.batch import Rows
+
+MicroBackward = Callable[[Rows, "Tensor | float"], Tensor]  # (rows, scale) -> the scaled loss
 
 
 class BackwardGraphs:
-    """Does what `backward(tokens, lengths, labels, scale)` does — adds the gradients of the scaled loss into each
+    """Does what `backward(rows, scale)` does — adds the gradients of the scaled loss into each
     parameter's .grad and returns the scaled loss, detached — by replaying a CUDA graph recorded the first time
     those shapes come.
 
@@ -25,21 +27,19 @@ class BackwardGraphs:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in params]
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Rows, Tensor, Tensor]] = {}
         self.pool = None
 
-    def __call__(self, tokens: Tensor, lengths: Tensor, labels: Tensor, scale: float) -> Tensor:
+    def __call__(self, rows: Rows, scale: float) -> Tensor:
         if any(p.grad is not grad for p, grad in zip(self.params, self.grads)):
             raise RuntimeError("BackwardGraphs: a parameter's .grad was replaced; the graphs add into the old one "
                                "(zero them with BackwardGraphs.zero_grad)")
-        inputs = (tokens, lengths, labels)
-        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        key = tuple((tuple(t.shape), t.dtype) for t in rows.tensors())
         if key not in self.graphs:
-            self.graphs[key] = self._record(inputs)
-        graph, static_inputs, loss = self.graphs[key]
-        for static, new in zip(static_inputs, inputs):
-            static.copy_(new)
-        static_inputs[-1].fill_(scale)
+            self.graphs[key] = self._record(rows)
+        graph, static_rows, static_scale, loss = self.graphs[key]
+        torch._foreach_copy_(static_rows.tensors(), rows.tensors())
+        static_scale.fill_(scale)
         graph.replay()
         return loss.clone()
 
@@ -47,20 +47,20 @@ class BackwardGraphs:
         """In place, as the graphs need, in one multi-tensor fill rather than a kernel per parameter."""
         torch._foreach_zero_(self.grads)
 
-    def _record(self, inputs: tuple[Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]:
-        device = inputs[0].device
-        static_inputs = [t.clone() for t in inputs] + [torch.zeros((), device=device)]
+    def _record(self, rows: Rows) -> tuple[torch.cuda.CUDAGraph, Rows, Tensor, Tensor]:
+        device = rows.tokens.device
+        static_rows, static_scale = rows.map(torch.clone), torch.zeros((), device=device)
         before = [grad.cpu() for grad in self.grads]  # the warm-up passes add into the gradients; no GPU memory
         # Warm-up on a side stream, as capture requires: compiles new shapes and sets up cuBLAS and autograd state.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup_passes):
-                self.backward(*static_inputs)
+                self.backward(static_rows, static_scale)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            loss = self.backward(*static_inputs)
+            loss = self.backward(static_rows, static_scale)
         self.pool = graph.pool()
         torch._foreach_copy_(self.grads, before)
-        return graph, static_inputs, loss
+        return graph, static_rows, static_scale, loss

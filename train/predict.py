@@ -6,14 +6,15 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data import Tokenized, budget_batches, collate, padded_length
+from data import Tokenized, budget_batches, padded_length
+from train.batch import Rows, packed_rows, padded_rows
 from train.objective import label_logits
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; plain float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` (bf16 or fp16) on CUDA; plain float32 elsewhere, or with dtype float32."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -33,24 +34,36 @@ def default_batch_tokens(device: torch.device) -> int:
     return 32768 if device.type == "cuda" else 2048
 
 
+def scoring_batches(table: Tokenized, pad_id: int, max_batch_tokens: int, pack: bool, max_seqlen: int | None = None,
+                    pad_to_multiple: int = 1) -> list[tuple[np.ndarray, Rows]]:
+    """(row positions, rows) of every scoring batch: lines of `max_batch_tokens` packed rows (rows no longer than
+    `max_seqlen`), or right-padded batches of at most that many tokens, longest rows first."""
+    rows = np.arange(len(table))
+    if pack:
+        return packed_rows(table, rows, pad_id, max_batch_tokens, max_seqlen or max_batch_tokens)
+    padded = padded_length(table.lengths, pad_to_multiple)
+    return [(indices, padded_rows(table, indices, pad_id, pad_to_multiple))
+            for indices in budget_batches(padded, max_batch_tokens)]
+
+
 @torch.no_grad()
 def predict_p_true(model: nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int,
                    max_batch_tokens: int | None, device: torch.device, progress=None,
-                   pad_to_multiple: int = 1) -> np.ndarray:
+                   pad_to_multiple: int = 1, pack: bool = False, max_seqlen: int | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> np.ndarray:
     """P(True) for every row of `table`, in the table's order; batches of at most `max_batch_tokens`
-    (default: `default_batch_tokens`, or the longest row where that is longer), each padded to a multiple of
-    `pad_to_multiple` tokens."""
+    (default: `default_batch_tokens`, or the longest row where that is longer): lines of packed rows, or batches
+    each padded to a multiple of `pad_to_multiple` tokens; on CUDA under `dtype` autocast."""
     padded = padded_length(table.lengths, pad_to_multiple)
     if max_batch_tokens is None and len(table):
         max_batch_tokens = max(default_batch_tokens(device), int(padded.max()))
     was_training = model.training
     model.eval()
     p_true = np.empty(len(table), dtype=np.float32)
-    for indices in budget_batches(padded, max_batch_tokens):
-        tokens, lengths, _ = collate(table, indices, pad_id, pad_to_multiple)
-        with autocast(device):
-            logits = label_logits(model, tokens.to(device), lengths.to(device), label_ids)
-        p_true[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+    for indices, rows in scoring_batches(table, pad_id, max_batch_tokens, pack, max_seqlen, pad_to_multiple):
+        with autocast(device, dtype):
+            logits = label_logits(model, rows.to(device), label_ids)
+        p_true[indices] = torch.softmax(logits, dim=-1)[: len(indices), 1].cpu().numpy()
         if progress is not None:
             progress.update(len(indices))
     model.train(was_training)

@@ -5,43 +5,53 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from train.batch import Rows
 from train.graphs import BackwardGraphs, MicroBackward
 from train.objective import loss_sum
+from train.precision import LossScaler
 from train.predict import autocast
 
-MicroBatch = tuple[Tensor, Tensor, Tensor]  # tokens [B, T], lengths [B], labels [B], on the device
 
-
-def micro_backward(model: nn.Module, tokens: Tensor, lengths: Tensor, labels: Tensor, scale: Tensor | float, *,
-                   label_ids: Tensor, loss_kind: str = "classifier") -> Tensor:
-    """Adds the gradients of scale · (summed loss of the rows) into the parameters' .grad; returns that scaled loss."""
-    with autocast(tokens.device):
-        loss = loss_sum(model, tokens, lengths, labels, label_ids, loss_kind) * scale
+def micro_backward(model: nn.Module, rows: Rows, scale: Tensor | float, *, label_ids: Tensor,
+                   loss_kind: str = "classifier", dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Adds the gradients of scale · (summed loss of the rows) into the parameters' .grad; returns that scaled loss.
+    On CUDA the pass runs under `dtype` autocast."""
+    with autocast(rows.tokens.device, dtype):
+        loss = loss_sum(model, rows, label_ids, loss_kind) * scale
     loss.backward()
     return loss.detach()
 
 
-def graphed_backward(model: nn.Module, params: list[Tensor], label_ids: Tensor,
-                     loss_kind: str = "classifier") -> BackwardGraphs:
-    """`micro_backward` replayed as CUDA graphs (`run.py train --cuda-graphs`); pass it to `optimizer_step`."""
-    return BackwardGraphs(partial(micro_backward, model, label_ids=label_ids, loss_kind=loss_kind), params)
+def graphed_backward(model: nn.Module, params: list[Tensor], label_ids: Tensor, loss_kind: str = "classifier",
+                     dtype: torch.dtype = torch.bfloat16) -> BackwardGraphs:
+    """`micro_backward` replayed as CUDA graphs; pass it to `optimizer_step`."""
+    return BackwardGraphs(partial(micro_backward, model, label_ids=label_ids, loss_kind=loss_kind, dtype=dtype), params)
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[MicroBatch],
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Rows],
                    label_ids: Tensor, loss_kind: str = "classifier", max_grad_norm: float = 1.0,
-                   graphs: BackwardGraphs | None = None) -> tuple[float, float]:
-    """Accumulates the gradient of the mean loss over all rows of `micro_batches`, then clips and steps; through
-    `graphs` when given (from `graphed_backward` with the same model, labels and loss).
+                   graphs: BackwardGraphs | None = None, dtype: torch.dtype = torch.bfloat16,
+                   scaler: LossScaler | None = None) -> tuple[float, float]:
+    """Accumulates the gradient of the mean loss over all rows of `micro_batches` (under `dtype` autocast on CUDA,
+    the loss multiplied by `scaler`'s scale for fp16), then unscales, clips and steps; through `graphs` when given
+    (from `graphed_backward` with the same model, labels, loss and dtype).
 
-    Returns (loss, gradient norm before clipping). A non-finite loss or norm leaves the parameters untouched."""
-    rows = sum(len(labels) for _, _, labels in micro_batches)
-    backward: MicroBackward = graphs or partial(micro_backward, model, label_ids=label_ids, loss_kind=loss_kind)
-    loss = sum(backward(tokens, lengths, labels, 1 / rows) for tokens, lengths, labels in micro_batches)
+    Returns (loss, gradient norm before clipping). A non-finite loss or norm leaves the parameters untouched (and,
+    with a scaler, lowers its scale)."""
+    scaler = scaler or LossScaler.disabled()
+    n_rows = sum(rows.n_rows for rows in micro_batches)
+    backward: MicroBackward = graphs or partial(micro_backward, model, label_ids=label_ids, loss_kind=loss_kind,
+                                                dtype=dtype)
+    loss = sum(backward(rows, scaler.scaled(1 / n_rows)) for rows in micro_batches)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler.unscale_(params)
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
     loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device)]).tolist()  # the step's one device sync
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    loss /= scaler.scale  # exact: the scale is a power of two
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
         optimizer.step()
+    scaler.update(finite)
     if graphs is None:
         optimizer.zero_grad(set_to_none=True)
     else:  # the graphs add into the gradients they were recorded with

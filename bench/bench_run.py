@@ -1,0 +1,52 @@
+"""`python run.py train ...` end to end as a user runs it, timed from outside: seconds from the command's start to
+its first optimizer step, the median real (unpadded) tokens/s of the steps after the first `--skip` ones (from the
+run's metrics.jsonl), the peak GPU memory and wall time (from summary.json).
+
+    python bench/bench_run.py [--skip 2] [--label NAME] -- train --model DIR --data TABLE ... --out RUN
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import emit, env_info  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skip", type=int, default=2, help="steps left out of the median (compilation, warm-up)")
+    parser.add_argument("--label", default="run.py train")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    out = Path(command[command.index("--out") + 1])
+    metrics = out / "metrics.jsonl"
+
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *command])
+    first_step_s = None
+    while process.poll() is None:
+        if first_step_s is None and metrics.is_file() and metrics.stat().st_size:
+            first_step_s = time.perf_counter() - started
+        time.sleep(0.2)
+    wall_s = time.perf_counter() - started
+    if process.returncode:
+        raise SystemExit(f"run.py exited with {process.returncode}")
+
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    timed = [r["tokens_per_s"] for r in steps[args.skip:]] or [r["tokens_per_s"] for r in steps]
+    emit({"bench": "run", "label": args.label, "command": " ".join(command), "steps": len(steps),
+          "median_real_tokens_per_s": round(statistics.median(timed)), "first_step_s": round(first_step_s or 0, 1),
+          "wall_s": round(wall_s, 1), "peak_gpu_allocated_gb": summary["peak_gpu_allocated_gb"],
+          "skipped_steps": summary.get("skipped_steps"), "final": {k: summary["final"].get(k) for k in
+                                                                   ("accuracy", "auroc")}, **env_info()})
+
+
+if __name__ == "__main__":
+    main()

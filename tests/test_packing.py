@@ -1,0 +1,167 @@
+"""Packed rows: lines of whole rows laid end to end compute exactly what the rows compute one by one, and a run with
+--packing on visits the same rows in the same steps as one with --packing off (issue 14)."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train.loop
+from conftest import train_args
+from data import Tokenized, collate_line, max_rows_per_line, pack_lines
+from lora import apply_lora, lora_layers
+from model import load_llama
+from model.llama import Packing, packed_causal_attention
+from train.batch import packed_rows, right_padded
+from train.objective import label_logits, loss_sum
+from train.predict import predict_p_true
+
+LABEL_IDS = torch.tensor([3, 4])
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+
+
+def random_table(lengths: list[int], seed: int = 0) -> Tokenized:
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return Tokenized(rng.integers(0, 300, offsets[-1]).astype(np.int32), offsets,
+                     rng.integers(0, 2, len(lengths)), np.zeros(0, dtype=np.int64))
+
+
+def lora_model(checkpoint):
+    model = apply_lora(load_llama(checkpoint, dtype=torch.float32), 4, 8, verbose=False)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(std=0.05)
+    return model
+
+
+def test_lines_hold_every_row_once_within_budget_and_capacity():
+    lengths = np.random.default_rng(0).integers(1, 200, size=500)
+    lines = pack_lines(lengths, np.arange(500), 512)
+    assert sorted(np.concatenate(lines).tolist()) == list(range(500))
+    assert all(lengths[line].sum() <= 512 and len(line) <= max_rows_per_line(512) for line in lines)
+    assert len(lines) <= -(-lengths.sum() // 512) + 2  # first-fit decreasing wastes little
+    assert all(np.array_equal(a, b) for a, b in zip(lines, pack_lines(lengths, np.arange(500), 512)))
+
+
+def test_a_line_restarts_positions_at_each_row_and_has_one_shape():
+    table = random_table([5, 3, 7])
+    line = collate_line(table, np.array([2, 0, 1]), pad_id=0, budget=64, max_seqlen=16)
+    assert line.tokens.shape == (1, 64) and line.last.shape == (max_rows_per_line(64),)
+    assert line.tokens[0, :15].tolist() == [*table.row(2), *table.row(0), *table.row(1)]
+    assert line.positions[:15].tolist() == [*range(7), *range(5), *range(3)]
+    assert line.cu_seqlens.tolist()[:4] == [0, 7, 12, 15] and line.cu_seqlens[-1] == 64
+    assert (np.diff(line.cu_seqlens.numpy()) <= 16).all()  # padding comes in chunks of at most max_seqlen
+    assert line.last.tolist()[:3] == [6, 11, 14] and line.weights.tolist()[:4] == [1, 1, 1, 0]
+    assert line.labels.tolist()[:3] == table.labels[[2, 0, 1]].tolist()
+    other = collate_line(table, np.array([1]), pad_id=0, budget=64, max_seqlen=16)
+    assert all(a.shape == b.shape for a, b in zip((line.cu_seqlens, line.doc, line.last), (other.cu_seqlens,
+                                                                                          other.doc, other.last)))
+
+
+def test_packed_attention_is_causal_within_each_sequence_only():
+    torch.manual_seed(0)
+    bounds = [0, 5, 6, 13, 16, 16]
+    q, k, v = torch.randn(16, 4, 8), torch.randn(16, 2, 8), torch.randn(16, 2, 8)
+    packing = Packing(torch.tensor(bounds, dtype=torch.int32), torch.zeros(16, dtype=torch.int64),
+                      torch.zeros(16, dtype=torch.int64), 8)
+    out = packed_causal_attention(q, k, v, packing)
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+                enable_gqa=True).transpose(0, 1)
+            torch.testing.assert_close(out[a:b], expected)
+
+
+def test_a_packed_line_gives_each_rows_loss_p_true_and_gradients_as_one_by_one(tiny_checkpoint):
+    model = lora_model(tiny_checkpoint)
+    lengths = [9, 23, 4, 17, 1, 30]
+    table = random_table(lengths, seed=1)
+    lines = packed_rows(table, np.arange(len(lengths)), pad_id=0, budget=64, max_seqlen=32)
+    assert len(lines) == 2
+
+    def one_by_one(i):
+        tokens = torch.from_numpy(table.row(i).astype(np.int64))[None]
+        return right_padded(tokens, torch.tensor([lengths[i]]), torch.from_numpy(table.labels[[i]]))
+
+    with torch.no_grad():
+        alone = torch.cat([label_logits(model, one_by_one(i), LABEL_IDS) for i in range(len(lengths))])
+        for positions, rows in lines:
+            torch.testing.assert_close(label_logits(model, rows, LABEL_IDS)[: len(positions)], alone[positions],
+                                       rtol=1e-5, atol=1e-5)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(len(lengths)):
+        loss_sum(model, one_by_one(i), LABEL_IDS).backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad()
+    for _, rows in lines:
+        loss_sum(model, rows, LABEL_IDS).backward()
+    for got, want in zip((p.grad for p in params), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    packed = predict_p_true(model, table, LABEL_IDS, 0, 64, torch.device("cpu"), pack=True, max_seqlen=32)
+    torch.testing.assert_close(torch.from_numpy(packed), torch.softmax(alone, -1)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_packing_on_and_off_train_the_same_adapter_and_score_the_same(tiny_llama3, tables, tmp_path):
+    # Without dropout: its masks are drawn per tensor element, and a line is not shaped like a padded batch.
+    runs = {}
+    for packing in ("on", "off"):
+        runs[packing] = train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / packing, "--packing", packing,
+                                                    "--pack-tokens", "512", "--lora-dropout", "0"))
+    on, off = (load_file(runs[p] / "adapter" / "adapter_model.safetensors") for p in ("on", "off"))
+    for key in on:
+        torch.testing.assert_close(on[key], off[key], rtol=1e-5, atol=1e-5)
+    import run
+    scores = {}
+    for packing in ("on", "off"):
+        out = tmp_path / f"{packing}.csv"
+        assert run.main(["infer", "--run", str(runs["on"]), "--data", str(tables[1]), "--out", str(out),
+                         "--packing", packing]) == 0
+        scores[packing] = pd.read_csv(out.with_name(f"{packing}_p_true.csv"))["p_true"].to_numpy()
+    np.testing.assert_allclose(scores["on"], scores["off"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs CUDA")
+def test_flash_varlen_attention_equals_attention_per_sequence():
+    torch.manual_seed(0)
+    bounds = [0, 100, 101, 357, 512, 512, 512]
+    q = torch.randn(512, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 512, 2, 64, device="cuda", dtype=torch.bfloat16)
+    packing = Packing(torch.tensor(bounds, dtype=torch.int32, device="cuda"), None, None, 256)
+    out = packed_causal_attention(q, k, v, packing)
+    per_sequence = packed_causal_attention(q.float(), k.float(), v.float(), packing)  # float32: the CPU-style path
+    torch.testing.assert_close(out.float(), per_sequence, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_packed_lines_as_the_eager_step(tiny_checkpoint):
+    from train.optim import AdamW
+    from train.step import graphed_backward, optimizer_step
+
+    table = random_table([int(n) for n in np.random.default_rng(3).integers(5, 60, size=40)], seed=3)
+    label_ids = LABEL_IDS.cuda()
+
+    def run(graphed: bool):
+        model = apply_lora(load_llama(tiny_checkpoint, dtype=torch.bfloat16, device="cuda"), 4, 8, verbose=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, grads = AdamW(params, lr=0.0, weight_decay=0.0), []
+        optimizer.step = lambda: grads.append(torch.cat([p.grad.float().flatten().cpu() for p in params]))
+        graphs = graphed_backward(model, params, label_ids) if graphed else None
+        losses = []
+        for step in range(4):
+            rows = np.arange(10 * step, 10 * step + 10)
+            lines = [r.to("cuda") for _, r in packed_rows(table, rows, 0, budget=256, max_seqlen=64)]
+            losses.append(optimizer_step(model, optimizer, lines, label_ids, max_grad_norm=1e9, graphs=graphs)[0])
+        return torch.tensor(losses), grads
+
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = run(False), run(True)
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=1e-5)
+    for eager, graphed in zip(eager_grads, graph_grads):
+        assert (graphed - eager).abs().max() <= 1e-3 * eager.abs().max()

@@ -1,0 +1,54 @@
+"""What one forward pass reads: rows right-padded [B, T] or packed end to end into a line [1, T]."""
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+from torch import Tensor
+
+from data import Tokenized, collate, collate_line, pack_lines
+from model.llama import Packing
+
+
+@dataclass
+class Rows:
+    tokens: Tensor  # [B, T] right-padded, or [1, T] packed
+    last: Tensor  # [R] each row's last token: its index within the row (padded) or within the line (packed)
+    labels: Tensor | None  # [R]
+    n_rows: int  # real rows: a packed line has slots for more, with weight 0
+    weights: Tensor | None = None  # [R] 1 for a row, 0 for an empty slot; None when every slot is a row
+    packing: Packing | None = None
+
+    def tensors(self) -> list[Tensor]:
+        fields = (self.tokens, self.last, self.labels, self.weights, *(self.packing or ()))
+        return [t for t in fields if isinstance(t, Tensor)]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Rows":
+        """The same rows with `fn` applied to every tensor (e.g. a move to the device)."""
+        def apply(t):
+            return fn(t) if isinstance(t, Tensor) else t
+        packing = None if self.packing is None else Packing(*map(apply, self.packing))
+        return replace(self, tokens=fn(self.tokens), last=fn(self.last), labels=apply(self.labels),
+                       weights=apply(self.weights), packing=packing)
+
+    def to(self, device) -> "Rows":
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+
+def right_padded(tokens: Tensor, lengths: Tensor, labels: Tensor | None = None) -> Rows:
+    """Rows of right-padded token ids [B, T] with their lengths [B]."""
+    return Rows(tokens, lengths - 1, labels, len(lengths))
+
+
+def padded_rows(table: Tokenized, rows: np.ndarray, pad_id: int, pad_to_multiple: int = 1) -> Rows:
+    return right_padded(*collate(table, rows, pad_id, pad_to_multiple))
+
+
+def packed_rows(table: Tokenized, rows: np.ndarray, pad_id: int, budget: int,
+                max_seqlen: int) -> list[tuple[np.ndarray, Rows]]:
+    """`rows` packed into as few lines of `budget` tokens as first-fit decreasing finds, all of one shape: the row
+    positions of each line, in the line's order, and its Rows."""
+    def line_rows(line_positions: np.ndarray) -> Rows:
+        line = collate_line(table, line_positions, pad_id, budget, max_seqlen)
+        packing = Packing(line.cu_seqlens, line.doc, line.positions, line.max_seqlen)
+        return Rows(line.tokens, line.last, line.labels, len(line_positions), line.weights, packing)
+    return [(positions, line_rows(positions)) for positions in pack_lines(table.lengths, rows, budget)]

@@ -1,0 +1,71 @@
+"""The fast path a CUDA run takes by default: compiled blocks, and for training each micro-batch's forward and
+backward replayed as one CUDA graph; each steps back (to eager, to no graphs) in one line when it fails."""
+import importlib.util
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from train.graphs import BackwardGraphs
+from train.step import graphed_backward
+
+T = TypeVar("T")
+COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
+if hasattr(torch._inductor.exc, "InductorError"):
+    COMPILE_ERRORS += (torch._inductor.exc.InductorError,)
+
+
+def compile_available(device: torch.device) -> str | None:
+    """None where torch.compile can build kernels for `device`, else why not."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+class FastPath:
+    """Compiled blocks (`compile`) and CUDA graphs of the training pass (`graphs`, given the trainable `params`)
+    while they work. `run(fn)` calls fn(); if compiling or recording fails, it says so in one line, drops what
+    failed, restores the RNG, calls `reset` and fn() again."""
+
+    def __init__(self, model: nn.Module, device: torch.device, compile: bool, graphs: bool = False,
+                 params: list[Tensor] = (), label_ids: Tensor | None = None, loss_kind: str = "classifier",
+                 dtype: torch.dtype = torch.bfloat16):
+        self.model, self.compiled, self.graphs = model, False, None
+        if compile:
+            why_not = compile_available(device)
+            if why_not is None:
+                model.compile_blocks()
+                self.compiled = True
+            else:
+                print(f"note: running eager, without compiled blocks ({why_not})")
+        if graphs:
+            self.graphs: BackwardGraphs | None = graphed_backward(model, list(params), label_ids, loss_kind, dtype)
+
+    def run(self, fn: Callable[[], T], reset: Callable[[], None] = lambda: None) -> T:
+        if not self.compiled and self.graphs is None:
+            return fn()
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except COMPILE_ERRORS as err:
+            print(f"note: compilation failed ({first_line(err)}); running eager from here")
+            self.model.uncompile_blocks()
+            self.compiled = False
+        except RuntimeError as err:
+            if self.graphs is None:
+                raise
+            print(f"note: recording CUDA graphs failed ({first_line(err)}); running without them from here")
+            torch.cuda.synchronize()
+            self.graphs = None
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        reset()
+        return self.run(fn, reset)
