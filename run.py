@@ -1,8 +1,11 @@
-"""Command line: `python run.py train [flags]` and `python run.py infer [flags]`."""
+"""Command line: `python run.py train [flags]`, `python run.py infer [flags]` and `python run.py eval [flags]`."""
 import argparse
 import math
 import re
+import signal
 import sys
+
+from safetensors import SafetensorError
 
 from common.errors import UserError
 
@@ -43,6 +46,13 @@ def positive(kind, allow_zero: bool = False):
     return parse
 
 
+def seed(text: str) -> int:
+    value = positive(int, allow_zero=True)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = positive(float, allow_zero=True)(text)
     if value >= 1:
@@ -55,6 +65,28 @@ def val_size(text: str) -> float:
     if value >= 1 and value != int(value):
         raise argparse.ArgumentTypeError(f"a row count must be whole, got {text}")
     return value
+
+
+def probability(text: str) -> float:
+    value = positive(float, allow_zero=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model folder, when it moved since training")
+    parser.add_argument("--best", action="store_true", help="use the run's best validation adapter")
+    parser.add_argument("--max-len", type=positive(int),
+                        help="prompt tokens; longer rows are cut as in training (default: the run's --max-len)")
+    parser.add_argument("--batch-tokens", type=positive(int),
+                        help="tokens per packed line or batch (default 32768 on CUDA, 2048 on CPU; at least --max-len)")
+    parser.add_argument("--packing", choices=("on", "off"), default="on",
+                        help="score rows laid end to end in lines of --batch-tokens (default on)")
+    parser.add_argument("--eager", action="store_true", help="no compiled blocks (default on CUDA: compiled)")
+    parser.add_argument("--threshold", type=probability,
+                        help="call an answer correct when its (calibrated) P(True) is at least this "
+                             "(default: the run's decision.json, else 0.5)")
 
 
 def build_parser(preset: str | None = None, explicit_only: bool = False) -> argparse.ArgumentParser:
@@ -86,19 +118,29 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     tr.add_argument("--max-len", type=positive(int), default=1024, help="prompt tokens; a longer row has its solution, then its question, cut in the middle")
     tr.add_argument("--template", default="with_solution", help="with_solution, original, or a template file")
     tr.add_argument("--quant", choices=("nf4", "none"), help="base weights: nf4 (default on CUDA) or none (CPU)")
+    tr.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                    help="frozen weights and autocast on CUDA (default: bf16 where the GPU has it, else fp16 with "
+                         "dynamic loss scaling); a CPU trains in fp32")
     tr.add_argument("--loss", choices=("classifier", "lm"), default="classifier",
                     help="two-class loss on the label tokens, or the full-vocabulary LM loss")
     tr.add_argument("--grad-checkpoint", nargs="?", const=True, default=False, type=positive(int), metavar="N",
                     help="recompute blocks in the backward pass to save memory: all of them, or the first N")
-    tr.add_argument("--compile", action="store_true",
-                    help="torch.compile the blocks (pays off on a GPU); batches pad to multiples of 64 tokens")
+    tr.add_argument("--packing", choices=("on", "off"), default="on",
+                    help="lay a step's rows end to end in lines of --pack-tokens (default on): the same rows in the "
+                         "same steps as off, without padding, in one shape")
+    tr.add_argument("--pack-tokens", type=positive(int), metavar="N",
+                    help="tokens per packed line (default on CUDA: 4096 for models of hidden size 2048 and up, "
+                         "16384 below; 2048 on CPU; at least --max-len)")
+    tr.add_argument("--eager", action="store_true",
+                    help="run the blocks eagerly (default on CUDA: compiled, falling back to eager if compiling fails)")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the blocks on a CPU too (CUDA does by default)")
     tr.add_argument("--cuda-graphs", action="store_true",
-                    help="--compile, and replay each micro-batch's forward and backward as one CUDA graph "
+                    help="with --packing off: replay each micro-batch's forward and backward as one CUDA graph "
                          "(one per shape: batches pad to multiples of 64 tokens)")
     tr.add_argument("--eval-every", type=positive(int), default=50, help="evaluate and checkpoint every N steps")
     tr.add_argument("--eval-batch-tokens", type=positive(int),
                     help="token budget of an eval batch (default 32768 on CUDA, 2048 on CPU)")
-    tr.add_argument("--seed", type=positive(int, allow_zero=True), default=0, help="fixes data order, split, LoRA init and dropout")
+    tr.add_argument("--seed", type=seed, default=0, help="fixes data order, split, LoRA init and dropout")
     tr.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
     if preset in PRESETS:
         tr.set_defaults(**PRESETS[preset], preset=preset)
@@ -111,12 +153,19 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     inf.add_argument("--data", help="test table with ID, question, answer, solution (default: the embedded one)")
     inf.add_argument("--labels", help="optional ID,is_correct table (CSV, TSV, JSON Lines, Parquet) to score against")
     inf.add_argument("--out", default="submission.csv", help="submission file (default submission.csv)")
-    inf.add_argument("--model", help="base model folder, when it moved since training")
-    inf.add_argument("--best", action="store_true", help="use the run's best validation adapter")
-    inf.add_argument("--max-len", type=positive(int),
-                     help="prompt tokens; longer rows are cut as in training (default: the run's --max-len)")
-    inf.add_argument("--batch-tokens", type=positive(int),
-                     help="token budget per batch (default 32768 on CUDA, 2048 on CPU)")
+    add_scoring_flags(inf)
+
+    ev = commands.add_parser("eval", help="score a labeled table with a run: metrics, calibration, plots")
+    ev.add_argument("--run", required=True, help="run folder")
+    ev.add_argument("--data", required=True, help="labeled table: question, answer, solution, is_correct")
+    ev.add_argument("--group-col", metavar="COL", help="column naming each row's question: adds best-of-N selection")
+    ev.add_argument("--by", metavar="COL", help="also report the metrics for each value of this column")
+    ev.add_argument("--fit", action="store_true",
+                    help="fit temperature and threshold on this table (a validation table) and save them to the "
+                         "run as decision.json, which infer and eval then apply")
+    ev.add_argument("--threshold-for", choices=("accuracy", "f1"),
+                    help="what the threshold fitted by --fit maximizes (default accuracy)")
+    add_scoring_flags(ev)
     return parser
 
 
@@ -140,15 +189,21 @@ def main(argv: list[str]) -> int:
         if args.command == "train":
             from train.loop import train
             train(args)
-        else:
+        elif args.command == "infer":
             from train.infer import infer
             infer(args)
+        else:
+            from train.evaluate import evaluate
+            evaluate(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except SafetensorError as err:  # what safetensors raises for a write that fails, e.g. on a full disk
+        print(f"error: writing a safetensors file failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     except OSError as err:  # disk full, a read-only or vanished path: the OS's words and the file
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
@@ -157,4 +212,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    for stop in (signal.SIGINT, signal.SIGTERM):  # a signal during interpreter shutdown would print a traceback
+        signal.signal(stop, signal.SIG_IGN)
+    sys.exit(status)

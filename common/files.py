@@ -68,6 +68,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: name the file the user asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 

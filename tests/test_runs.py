@@ -28,11 +28,11 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
 
 
-def main_error(argv: list[str], capsys) -> str:
-    """The one line `run.py` prints for a failing command (asserting exit 2, one error line, no traceback); the
-    progress bar may stand above it."""
+def main_error(argv: list[str], capsys, status: int = 2) -> str:
+    """The one line `run.py` prints for a failing command (asserting its exit status, one error line, no traceback);
+    the progress bar may stand above it."""
     capsys.readouterr()
-    assert run.main(argv) == 2
+    assert run.main(argv) == status
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
@@ -115,7 +115,7 @@ def test_a_pickled_checkpoint_is_never_unpickled(finished_run, tmp_path, capsys)
     marker = tmp_path / "pwned"
     for name in ("state.safetensors", "state.pt"):
         (resumed / "checkpoint" / name).write_bytes(pickle.dumps({"x": Payload(marker)}))
-    message = main_error(["train", "--resume", str(resumed), "--max-steps", "6"], capsys)
+    message = main_error(["train", "--resume", str(resumed), "--max-steps", "8"], capsys)
     assert "corrupt or truncated checkpoint" in message
     assert not marker.exists()
 
@@ -139,7 +139,7 @@ def test_an_interrupt_before_the_first_checkpoint_leaves_a_folder_the_same_comma
     real = train.loop.apply_lora
     monkeypatch.setattr(train.loop, "apply_lora", interrupted)
     argv = train_argv(tiny_llama3, tables[0], tmp_path / "run")
-    assert "interrupted before the first checkpoint" in main_error(argv, capsys)
+    assert "interrupted before the first checkpoint" in main_error(argv, capsys, status=130)
     assert not (tmp_path / "run").exists()
     monkeypatch.setattr(train.loop, "apply_lora", real)
     assert run.main(argv) == 0
@@ -371,3 +371,85 @@ def test_checkpoints_hold_tensors_and_json_only(finished_run):
     assert sorted(p.name for p in (finished_run / "checkpoint").iterdir()) == ["progress.json", "state.safetensors"]
     tensors = load_file(finished_run / "checkpoint" / "state.safetensors")
     assert any(k.startswith("exp_avg.") for k in tensors) and "rng.cpu" in tensors
+
+
+# Found by an adversarial pass after the first fixes.
+
+def test_infer_writes_into_no_folder_of_the_run_or_the_model(finished_run, tiny_llama3, tables, tmp_path, capsys,
+                                                            monkeypatch):
+    scoring_must_not_start(monkeypatch)
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    base = ["infer", "--run", str(run_dir), "--data", str(tables[1])]
+    for out in (run_dir / "summary.json", run_dir / "metrics.jsonl"):
+        assert "would overwrite the input" in main_error(base + ["--out", str(out)], capsys)
+    for out in (run_dir / "checkpoint" / "s.csv", run_dir / "adapter_best" / "s.csv",
+                tiny_llama3 / "model-00001-of-00003.safetensors"):
+        assert "which is not for outputs" in main_error(base + ["--out", str(out)], capsys)
+
+
+def test_resume_without_a_complete_checkpoint_is_refused_and_removes_nothing(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "checkpoint" / "state.safetensors").unlink()
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    assert "no complete checkpoint" in main_error(["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_a_refused_resume_leaves_the_config_as_it_was(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = (run_dir / "config.json").read_bytes()
+    assert "already finished" in main_error(["train", "--resume", str(run_dir), "--max-steps", "4"], capsys)
+    assert (run_dir / "config.json").read_bytes() == before
+
+
+def test_a_corrupt_progress_file_is_one_line(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    progress = run_dir / "checkpoint" / "progress.json"
+    record = json.loads(progress.read_text())
+    del record["param_groups"]
+    progress.write_text(json.dumps(record))
+    assert "corrupt checkpoint (KeyError" in main_error(["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
+
+
+def test_resume_after_a_crash_logs_each_step_once(tiny_llama3, tables, tmp_path, monkeypatch):
+    from test_train import signal_at_step
+
+    signal_at_step(monkeypatch, 4, signal.SIGINT, signal.SIGINT)  # stops at once during step 5; checkpoint at 3
+    with pytest.raises(UserError):
+        train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run"))
+    monkeypatch.undo()
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+    assert run.main(["train", "--resume", str(tmp_path / "run")]) == 0
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 7))
+
+
+def test_a_run_stopped_at_its_last_checkpoint_before_its_adapter_finishes_on_resume(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    shutil.rmtree(run_dir / "adapter")
+    assert run.main(["train", "--resume", str(run_dir)]) == 0
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_signal_exits_with_the_shells_status_for_it(tiny_llama3, tables, tmp_path, monkeypatch, capsys):
+    from test_train import signal_at_step
+
+    signal_at_step(monkeypatch, 3, signal.SIGTERM)
+    argv = train_argv(tiny_llama3, tables[0], tmp_path / "run", "--max-steps", "6", "--eval-every", "3")
+    assert "SIGTERM at step 4: checkpoint saved" in main_error(argv, capsys, status=128 + signal.SIGTERM)
+
+
+def test_a_model_folder_is_not_taken_for_a_run(tiny_llama3, tables, capsys):
+    assert "not a run's (a model folder?)" in main_error(train_argv(tiny_llama3, tables[0], tiny_llama3), capsys)
+
+
+def test_a_seed_beyond_numpy_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["train", "--seed", "99999999999999999999"])
+    assert "must be below 2**32" in capsys.readouterr().err

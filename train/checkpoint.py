@@ -45,8 +45,23 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=2))
 
 
+def saved_progress(folder: Path) -> dict:
+    """The progress a checkpoint holds (step, data position, ...), read without its tensors."""
+    progress = read_json(folder / PROGRESS_FILE, f"{folder}: no {PROGRESS_FILE}").get("progress")
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) or progress["step"] < 0:
+        raise UserError(f"{folder / PROGRESS_FILE}: corrupt checkpoint (no valid 'progress' with a step)")
+    return progress
+
+
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restores the adapter, the optimizer and the RNG from `folder`; returns the saved progress."""
+    try:
+        return _load_checkpoint(folder, model, optimizer)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise UserError(f"{folder}: corrupt checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     if not has_checkpoint(folder):
         raise UserError(f"{folder}: no checkpoint to resume from ({TENSORS_FILE} and {PROGRESS_FILE})")
     file = folder / TENSORS_FILE

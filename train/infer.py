@@ -1,19 +1,24 @@
 """Scoring a test table with a trained run: submission.csv (ID,is_correct) and P(True) per row, every row or none."""
+import contextlib
 import os
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import atomic_write, read_json, write_json
-from data import get_template, read_labels, read_table, table_labels, tokenize_table
+from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
+from train.calibrate import DECISION, apply_temperature, decision_in_use
 from train.loop import DEFAULT_DATA_DIR
 from train.metrics import binary_metrics
+from train.fastpath import FastPath
 from train.predict import attention_without_cudnn, default_batch_tokens, predict_p_true
 from train.runfolder import CONFIG
 from train.setup import pick_device, resolve_base
@@ -34,12 +39,16 @@ def output_files(out: Path) -> list[Path]:
     return [out, out.with_name(f"{out.stem}_p_true.csv"), out.with_name(f"{out.stem}_metrics.json")]
 
 
-def check_outputs(outputs: list[Path], inputs: list[Path]) -> None:
-    """Before any work: each output is a writable file path that names none of the inputs."""
+def check_outputs(outputs: list[Path], inputs: list[Path], folders: list[Path] = ()) -> None:
+    """Before any work: each output is a writable file path that names none of the inputs and lies in none of
+    `folders` (a run's own folders, the model's)."""
     real_inputs = {p.resolve(): p for p in inputs if p.exists()}
     for path in outputs:
         if path.resolve() in real_inputs:
             raise UserError(f"--out {outputs[0]}: would overwrite the input {real_inputs[path.resolve()]}")
+        inside = [f for f in folders if path.resolve().is_relative_to(f.resolve())]
+        if inside:
+            raise UserError(f"--out {outputs[0]}: would write into {inside[0]}, which is not for outputs")
         if path.is_dir():
             raise UserError(f"--out {outputs[0]}: {path} is a folder")
         if path.exists() and not os.access(path, os.W_OK):
@@ -49,7 +58,33 @@ def check_outputs(outputs: list[Path], inputs: list[Path]) -> None:
         raise UserError(f"--out {outputs[0]}: cannot write in {parent}")
 
 
-def infer(args: Namespace) -> Path:
+@dataclass
+class TrainedRun:
+    """A finished run resolved for scoring, with the scoring flags applied and checked; no weights read yet."""
+    path: Path
+    adapter: Path
+    config: dict
+    template: Template
+    model: str | None  # the base model folder
+    max_len: int
+    batch_tokens: int
+    device: torch.device
+    pack: bool
+    eager: bool
+
+    def files(self) -> list[Path]:
+        """The run's own files, which no output may overwrite."""
+        return [p for p in self.path.iterdir() if p.is_file()]
+
+    def folders(self) -> list[Path]:
+        """The run's own folders and the base model's, where no output may go."""
+        own = [p for p in self.path.iterdir() if p.is_dir()]
+        return own + ([Path(self.model)] if self.model else [])
+
+
+def open_run(args: Namespace) -> TrainedRun:
+    """The run of `args.run` (default: the newest under runs/) and its adapter (`args.best`: adapter_best/), with
+    `args.max_len`, `args.batch_tokens` and `args.model` defaulting to what the run used."""
     run_dir = Path(args.run).absolute() if args.run else newest_run()
     adapter_dir = run_dir / ("adapter_best" if args.best else "adapter")
     unfinished = f"--run {run_dir}: not a finished run (needs {CONFIG} and {adapter_dir.name}/)"
@@ -59,43 +94,62 @@ def infer(args: Namespace) -> Path:
     if not isinstance(config.get("flags"), dict):
         raise UserError(f"{run_dir / CONFIG}: not a run's config (no 'flags' object)")
     flags = Namespace(**config["flags"])
-    if args.data:
-        data_path, labels_path = Path(args.data), Path(args.labels) if args.labels else None
-    else:
-        data_path, labels_path = DEFAULT_DATA_DIR / "test.csv", Path(args.labels or DEFAULT_DATA_DIR / "test_labels.csv")
     max_len = getattr(args, "max_len", None) or flags.max_len
     device = pick_device()
     batch_tokens = args.batch_tokens or max(default_batch_tokens(device), max_len)
     if batch_tokens < max_len:
         raise UserError(f"--batch-tokens {batch_tokens} is below --max-len {max_len}: the longest row would not fit")
-    outputs = output_files(Path(args.out))
-    check_outputs(outputs, [data_path, *([labels_path] if labels_path else []), run_dir / CONFIG,
-                            *adapter_dir.iterdir()])
+    return TrainedRun(run_dir, adapter_dir, config, get_template(flags.template), args.model or flags.model,
+                      max_len, batch_tokens, device, getattr(args, "packing", "on") == "on", getattr(args, "eager", False))
 
-    template = get_template(flags.template)
-    df = read_table(data_path, split="test", template=template)
-    labels = read_labels(labels_path, df["ID"]) if labels_path else table_labels(df)
-    base = resolve_base(args.model or flags.model, flags.quant, template, device)
-    trained = config.get("manifest", {})
-    if trained.get("device", "").split(":")[0] not in ("", device.type) or trained.get("precision") != base.precision:
+
+def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
+    """P(True) for every row of `df` (from read_table, with the run's template) by the run's adapter, in order."""
+    base = resolve_base(run.model, run.config["flags"]["quant"], run.template, run.device,
+                        run.config["flags"].get("precision") if run.device.type == "cuda" else None)
+    trained = run.config.get("manifest", {})
+    trained_on = trained.get("device", "").split(":")[0]
+    if trained_on not in ("", run.device.type) or trained.get("precision") != base.precision:
         print(f"note: the run trained on {trained.get('device')} ({trained.get('precision')}); "
-              f"scoring on {device} ({base.precision}), same {base.quantization} base")
-    table = tokenize_table(df, base.tokenizer, template, max_len, cache_dir=cache_dir() / "tokens")
-    model = load_adapter(base.load_model(), adapter_dir)
-    with (tqdm(total=len(table), desc="infer", unit="row", dynamic_ncols=True) as bar,
-          attention_without_cudnn(device)):  # every batch has a shape of its own
-        p_true = predict_p_true(model, table, base.label_ids, base.tokenizer.pad_id, batch_tokens, device,
-                                progress=bar)
+              f"scoring on {run.device} ({base.precision}), same {base.quantization} base")
+    table = tokenize_table(df, base.tokenizer, run.template, run.max_len, cache_dir=cache_dir() / "tokens")
+    model = load_adapter(base.load_model(), run.adapter)
+    fast = FastPath(model, run.device, compile=not run.eager and run.device.type == "cuda")
+    # unpacked, every batch has a shape of its own, for which cuDNN attention would first build a plan
+    with (tqdm(total=len(table), desc="score", unit="row", dynamic_ncols=True) as bar,
+          contextlib.nullcontext() if run.pack else attention_without_cudnn(run.device)):
+        p_true = fast.run(lambda: predict_p_true(model, table, base.label_ids, base.tokenizer.pad_id, run.batch_tokens,
+                                                 run.device, progress=bar, pack=run.pack, max_seqlen=run.max_len,
+                                                 dtype=base.numerics.compute_dtype),
+                          reset=bar.reset)
     if not np.isfinite(p_true).all():
-        raise UserError(f"{np.count_nonzero(~np.isfinite(p_true))} rows of {data_path} got a non-finite P(True); "
-                        f"the adapter in {adapter_dir} is broken")
+        raise UserError(f"{np.count_nonzero(~np.isfinite(p_true))} rows of {df.attrs['source']} got a non-finite "
+                        f"P(True); the adapter in {run.adapter} is broken")
+    return p_true
+
+
+def infer(args: Namespace) -> Path:
+    run = open_run(args)
+    if args.data:
+        data_path, labels_path = Path(args.data), Path(args.labels) if args.labels else None
+    else:
+        data_path, labels_path = DEFAULT_DATA_DIR / "test.csv", Path(args.labels or DEFAULT_DATA_DIR / "test_labels.csv")
+    outputs = output_files(Path(args.out))
+    check_outputs(outputs, [data_path, *([labels_path] if labels_path else []), *run.files()], run.folders())
+    decision, used = decision_in_use(run.path, args.threshold)
+
+    df = read_table(data_path, split="test", template=run.template)
+    labels = read_labels(labels_path, df["ID"]) if labels_path else table_labels(df)
+    print(f"decision: {used}")
+    p_true = apply_temperature(score_table(run, df), decision["temperature"])
+    predicted = p_true >= decision["threshold"]
 
     out, p_true_out, metrics_out = outputs
-    write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": p_true >= 0.5}), out)
+    write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": predicted}), out)
     write_csv(pd.DataFrame({"ID": df["ID"], "p_true": p_true}), p_true_out)
-    print(f"{out}: {len(df)} predictions from {adapter_dir} ({int((p_true >= 0.5).sum())} True)")
+    print(f"{out}: {len(df)} predictions from {run.adapter} ({int(predicted.sum())} True)")
     if labels is not None:
-        metrics = binary_metrics(p_true, labels)
-        write_json(metrics_out, metrics)
+        metrics = binary_metrics(p_true, labels, decision["threshold"])
+        write_json(metrics_out, {**metrics, **decision})
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return out

@@ -1,7 +1,9 @@
 """The training loop: accumulation, autocast, clipping, evaluation, checkpoints, resume and clean stops."""
 import contextlib
+import json
 import math
 import resource
+import signal
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -10,26 +12,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.errors import UserError
-from common.files import append_jsonl, write_json
-from data import Tokenized, collate, get_template, read_table, split_train_val, table_labels, tokenize_table
+from common.errors import Interrupted, UserError
+from common.files import append_jsonl, atomic_write, read_json_lines, write_json
+from data import Tokenized, get_template, padded_length, read_table, split_train_val, table_labels, tokenize_table
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
-from train.checkpoint import load_checkpoint, save_checkpoint
+from train.batch import Rows, packed_rows, padded_rows
+from train.calibrate import fit_decision, save_decision
+from train.checkpoint import load_checkpoint, save_checkpoint, saved_progress
+from train.fastpath import FastPath
 from train.interrupt import StopRequest, stop_requests
 from train.metrics import binary_metrics
 from train.optim import AdamW
 from train.plots import plot_run
-from train.predict import attention_without_cudnn, default_batch_tokens, predict_p_true
+from train.predict import attention_without_cudnn, predict_p_true
 from train.resume import resumed_flags
 from train.runfolder import RunFolder, check_new_run_path, file_sha256, manifest, write_config
 from train.schedule import lr_at, total_steps
 from train.setup import Base, pick_device, resolve_base
-from train.step import graphed_backward, optimizer_step
+from train.step import optimizer_step
 from train.stream import StepStream
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
-COMPILED_PAD = 64  # compiled runs pad batches to a multiple of this: each new shape costs a compilation or a recording
+COMPILED_PAD = 64  # compiled unpacked runs pad batches to a multiple of this: each new shape costs a compilation
 OOM_HINT = ("lower --batch-size (raising --grad-accum keeps the effective batch), add --grad-checkpoint, "
             "or lower --max-len")
 
@@ -38,6 +43,21 @@ def peak_memory_gb(device: torch.device) -> dict:
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     gpu = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     return {"peak_host_rss_gb": round(host, 2), "peak_gpu_allocated_gb": gpu and round(gpu, 2)}
+
+
+def default_pack_tokens(device: torch.device, hidden_size: int, step_tokens: float, max_len: int) -> int:
+    """Tokens per packed line: a quarter more than a mean step's rows, so that most steps fill one line, up to
+    4096 for a large model (hidden size 2048 and up: what the 8B's recomputed activations leave room for in 15 GB)
+    or a CPU (where a larger batch outgrows the caches) and 16384 for a small one on a GPU; at least --max-len."""
+    cap = 16384 if device.type == "cuda" and hidden_size < 2048 else 4096 if device.type == "cuda" else 2048
+    return max(max_len, min(cap, padded_length(int(1.25 * step_tokens), 512)))
+
+
+def trim_metrics(metrics: Path, step: int) -> None:
+    """Drops the records of steps after `step` (logged before a crash, and trained again on resume)."""
+    if metrics.is_file():
+        kept = [r for r in read_json_lines(metrics) if r.get("step", 0) <= step]
+        atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
 
 def absolute_paths(flags: dict) -> dict:
@@ -74,10 +94,11 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
     device = pick_device()
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA GPU")
-    eval_budget = args.eval_batch_tokens or max(default_batch_tokens(device), args.max_len)
-    if eval_budget < args.max_len:
-        raise UserError(f"--eval-batch-tokens {eval_budget} is below --max-len {args.max_len}: the longest "
-                        "validation row would not fit one batch")
+    if args.cuda_graphs and args.eager:
+        raise UserError("--cuda-graphs and --eager contradict each other")
+    for flag, budget in (("--eval-batch-tokens", args.eval_batch_tokens), ("--pack-tokens", args.pack_tokens)):
+        if budget is not None and budget < args.max_len:
+            raise UserError(f"{flag} {budget} is below --max-len {args.max_len}: the longest row would not fit")
     if folder is None:
         check_new_run_path(Path(args.out))
     data_path = Path(args.data) if args.data else DEFAULT_DATA_DIR / "train.csv"
@@ -86,29 +107,39 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
     if config is not None and config["manifest"]["data_sha256"] != data_sha256:
         raise UserError(f"--resume {folder.path}: {data_path} changed since the run started (its SHA-256 differs); "
                         "the split and data order would change — start a new run")
-    base = resolve_base(args.model, args.quant, template, device)
-    args.quant = base.quantization  # recorded resolved, so that infer loads the same base on any device
+    base = resolve_base(args.model, args.quant, template, device, args.precision)
+    args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)
     table = tokenize_table(df, base.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), table_labels(df)[val_idx]
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
+    step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean())
+    args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, step_tokens, args.max_len)
 
     if folder is None:
         folder = RunFolder.create(Path(args.out))
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         config = {"manifest": manifest(data_path, str(device), gpu, base.precision, base.quantization), "resumes": []}
+        write_config(folder, vars(args), config["manifest"], config["resumes"])
     else:
-        config["resumes"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": changes})
-    write_config(folder, vars(args), config["manifest"], config["resumes"])
+        done = saved_progress(folder.checkpoint)["step"]
+        if done >= last_step and folder.adapter.is_dir():
+            raise UserError(f"--resume {folder.path}: the run already finished at step {done} "
+                            f"(pass a larger --max-steps or --epochs to train further)")
+        # written once the checkpoint has loaded into this configuration (in _run): a refused resume changes nothing
+        config["resumes"] = [*config.get("resumes", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                         "changed": changes}]
     print(f"{data_path}: {len(train_idx)} training rows, {len(val_idx)} validation rows; run folder {folder.path}")
     with stop_requests() as stop:
         try:
-            return _run(args, folder, base, train_table, val_table, val_labels, last_step, stop)
-        except KeyboardInterrupt:
+            return _run(args, folder, config, base, train_table, val_table, val_labels, last_step, stop)
+        except KeyboardInterrupt as interrupt:
+            number = getattr(signal.Signals, str(interrupt), signal.SIGINT)
             if folder.discard_if_unsaved():
-                raise UserError(f"interrupted before the first checkpoint; {folder.path} was removed") from None
-            raise UserError(f"stopped at once; the last checkpoint is in {folder.checkpoint} "
-                            f"(continue with `python run.py train --resume {folder.path}`)") from None
+                raise Interrupted(f"interrupted before the first checkpoint; {folder.path} was removed",
+                                  number) from None
+            raise Interrupted(f"stopped at once; the last checkpoint is in {folder.checkpoint} "
+                              f"(continue with `python run.py train --resume {folder.path}`)", number) from None
         except BaseException:
             folder.discard_if_unsaved()
             raise
@@ -116,8 +147,8 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
             folder.release()
 
 
-def _run(args: Namespace, folder: RunFolder, base: Base, train_table: Tokenized, val_table: Tokenized,
-         val_labels: np.ndarray, last_step: int, stop: StopRequest) -> Path:
+def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_table: Tokenized,
+         val_table: Tokenized, val_labels: np.ndarray, last_step: int, stop: StopRequest) -> Path:
     device = base.device
     torch.manual_seed(args.seed)
     model = base.load_model()
@@ -125,35 +156,49 @@ def _run(args: Namespace, folder: RunFolder, base: Base, train_table: Tokenized,
     top_blocks = list(range(max(0, n_blocks - args.lora_layers), n_blocks)) if args.lora_layers else None
     model = apply_lora(model, args.rank, args.alpha, dropout=args.lora_dropout, layers=top_blocks)
     model.grad_checkpoint = args.grad_checkpoint
-    compiled = args.compile or args.cuda_graphs
-    if compiled:
-        model.compile_blocks()
-    pad_to = COMPILED_PAD if compiled else 1
+    pack = args.packing == "on"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    graphs = graphed_backward(model, params, base.label_ids, args.loss) if args.cuda_graphs else None
+    on_gpu_fast = device.type == "cuda" and not args.eager
+    dtype = base.numerics.compute_dtype
+    fast = FastPath(model, device, compile=not args.eager and (args.compile or args.cuda_graphs or on_gpu_fast),
+                    graphs=args.cuda_graphs or (on_gpu_fast and pack), params=params, label_ids=base.label_ids,
+                    loss_kind=args.loss, dtype=dtype)
+    scaler = base.numerics.scaler()
+    pad_to = COMPILED_PAD if fast.compiled and not pack else 1
+
+    def step_rows(batches: list[np.ndarray]) -> list[Rows]:
+        """A step's micro-batches: its rows packed into lines, or one right-padded batch per bucketed batch."""
+        if pack:
+            return [rows for _, rows in packed_rows(train_table, np.concatenate(batches), base.tokenizer.pad_id,
+                                                    args.pack_tokens, args.max_len)]
+        return [padded_rows(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in batches]
 
     progress = {"step": 0, "epoch": 0, "index": 0, "best_accuracy": -1.0, "wall_s": 0.0}
     if folder.has_checkpoint():
         progress = load_checkpoint(folder.checkpoint, model, optimizer)
-        if progress["step"] >= last_step:
-            raise UserError(f"--resume {folder.path}: the run already finished at step {progress['step']} "
-                            f"(pass a larger --max-steps or --epochs to train further)")
+        if "loss_scaler" in progress:
+            scaler.load_state_dict(progress["loss_scaler"])
+        write_config(folder, vars(args), config["manifest"], config["resumes"])
+        trim_metrics(folder.metrics, progress["step"])  # steps after the checkpoint are trained again
         print(f"resuming at step {progress['step']} of {last_step}")
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
 
     def attention_backends() -> contextlib.AbstractContextManager:
         # each eager batch has a shape of its own, for which cuDNN attention would first build a plan
-        return contextlib.nullcontext() if compiled else attention_without_cudnn(device)
+        return contextlib.nullcontext() if fast.compiled or pack else attention_without_cudnn(device)
 
     def evaluate() -> dict:
         with attention_backends():
-            p_true = predict_p_true(model, val_table, base.label_ids, base.tokenizer.pad_id,
-                                    args.eval_batch_tokens, device, pad_to_multiple=pad_to)
+            p_true = fast.run(lambda: predict_p_true(
+                model, val_table, base.label_ids, base.tokenizer.pad_id,
+                args.eval_batch_tokens or (args.pack_tokens if pack else None), device, pad_to_multiple=pad_to,
+                pack=pack, max_seqlen=args.max_len, dtype=dtype))
         if not np.isfinite(p_true).all():
             raise UserError(f"evaluation at step {progress['step']}: {np.count_nonzero(~np.isfinite(p_true))} "
                             f"validation rows got a non-finite P(True) (try a lower --lr)")
+        last_scores["val"] = p_true
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
         append_jsonl(folder.metrics, metrics)
         if metrics["accuracy"] > progress["best_accuracy"]:
@@ -161,6 +206,7 @@ def _run(args: Namespace, folder: RunFolder, base: Base, train_table: Tokenized,
             save_adapter(model, folder.adapter_best, base_model_name_or_path=str(base.model_path))
         return metrics
 
+    last_scores: dict[str, np.ndarray] = {}
     model.train()
     bar = tqdm(total=last_step, initial=progress["step"], desc="train", dynamic_ncols=True)
     started = time.perf_counter() - progress["wall_s"]
@@ -173,21 +219,34 @@ def _run(args: Namespace, folder: RunFolder, base: Base, train_table: Tokenized,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_started = time.perf_counter()
-            batches = [collate(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in next(stream)]
-            tokens_seen = sum(int(lengths.sum()) for _, lengths, _ in batches)  # on the host: no device sync
-            micro_batches = [[t.to(device) for t in batch] for batch in batches]
+            batches = next(stream)
+            tokens_seen = int(sum(train_table.lengths[rows].sum() for rows in batches))  # on the host: no sync
+            micro_batches = [rows.to(device) for rows in step_rows(batches)]
             with attention_backends():
-                loss, grad_norm = optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
-                                                 args.max_grad_norm, graphs)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                loss, grad_norm = fast.run(
+                    lambda: optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
+                                           args.max_grad_norm, fast.graphs, dtype, scaler),
+                    reset=lambda: fast.graphs.zero_grad() if fast.graphs else optimizer.zero_grad(set_to_none=True))
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if not finite and scaler.enabled and not scaler.exhausted:  # fp16: skipped, at a lower loss scale
+                finite = None
+            elif not finite:
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+                if scaler.exhausted:
+                    what += f" at every fp16 loss scale ({scaler.skipped} steps skipped; try --precision fp32)"
                 kept = (f"the last good checkpoint is in {folder.checkpoint}" if folder.has_checkpoint()
                         else "no checkpoint had been saved, so the run folder was removed")
                 raise UserError(f"{what} at step {step + 1}; {kept} (try a lower --lr)")
             progress.update(step=step + 1, wall_s=time.perf_counter() - started, **stream.position())
+            if scaler.enabled:
+                progress["loss_scaler"] = scaler.state_dict()
             tokens_per_s = tokens_seen / (time.perf_counter() - step_started)
-            append_jsonl(folder.metrics, {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                          "tokens_per_s": round(tokens_per_s, 1), "epoch": stream.epoch})
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": round(tokens_per_s, 1), "epoch": stream.epoch}
+            if scaler.enabled:
+                record.update(loss_scale=scaler.scale, skipped=finite is None)
+            append_jsonl(folder.metrics, {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                          for k, v in record.items()})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             if progress["step"] % args.eval_every == 0 or progress["step"] == last_step:
@@ -198,21 +257,24 @@ def _run(args: Namespace, folder: RunFolder, base: Base, train_table: Tokenized,
             elif stop.requested:
                 save_checkpoint(folder.checkpoint, model, optimizer, progress)
             if stop.requested and progress["step"] < last_step:
-                raise UserError(f"{stop.signal_name} at step {progress['step']}: checkpoint saved; continue with "
-                                f"`python run.py train --resume {folder.path}`")
+                raise Interrupted(f"{stop.signal_name} at step {progress['step']}: checkpoint saved; continue with "
+                                  f"`python run.py train --resume {folder.path}`", signal.Signals[stop.signal_name])
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA out of memory at step {progress['step'] + 1}: {OOM_HINT}") from None
     finally:
         bar.close()
 
+    if "val" not in last_scores:  # resumed at its last step, before adapter/ was written
+        metrics = evaluate()
     save_adapter(model, folder.adapter, base_model_name_or_path=str(base.model_path))
+    save_decision(folder.path, fit_decision(last_scores["val"], val_labels))  # for adapter/, which infer uses
     plot_run(folder.metrics, folder.plot)
     summary = {"flags": vars(args), "model": str(base.model_path), "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "steps": progress["step"], "train_rows": len(train_table), "val_rows": len(val_table),
                "truncated_rows": train_table.n_truncated + val_table.n_truncated,
                "wall_s": round(progress["wall_s"], 1), **peak_memory_gb(device), "final": metrics,
-               "best_val_accuracy": progress["best_accuracy"]}
+               "best_val_accuracy": progress["best_accuracy"], "skipped_steps": scaler.skipped}
     write_json(folder.summary, summary)
     print(f"run saved in {folder.path}: adapter/, adapter_best/, metrics.jsonl, training.png, summary.json")
     return folder.path

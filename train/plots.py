@@ -37,7 +37,7 @@ def plot_run(metrics_jsonl: Path, out_png: Path) -> None:
     FigureCanvasAgg(fig)
     loss_ax, eval_ax = fig.subplots(2, 1, sharex=True)
 
-    steps = sorted(train)
+    steps = [s for s in sorted(train) if train[s]["loss"] is not None]  # None: an fp16 step skipped on overflow
     loss_ax.plot(steps, [train[s]["loss"] for s in steps], linewidth=1, color="tab:blue")
     loss_ax.set_ylabel("training loss")
     loss_ax.set_title(Path(metrics_jsonl).parent.name or str(metrics_jsonl))

@@ -4,6 +4,7 @@ Layout: config.json (flags and manifest), metrics.jsonl, checkpoint/ (for --resu
 summary.json, training.png. Every file and folder is replaced atomically (common.files)."""
 import fcntl
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -26,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 class RunFolder:
     """Holds the folder's lock for as long as the object lives (released by the OS if the process dies)."""
 
-    def __init__(self, path: Path, created: bool):
-        self.path, self.created = path, created
+    def __init__(self, path: Path, created: bool, new: bool = True):
+        self.path, self.created, self.new = path, created, new  # created: the folder did not exist before
         self.config, self.metrics, self.summary = path / CONFIG, path / "metrics.jsonl", path / "summary.json"
         self.checkpoint, self.adapter, self.adapter_best = path / "checkpoint", path / "adapter", path / "adapter_best"
         self.plot = path / "training.png"
@@ -55,7 +56,15 @@ class RunFolder:
         path = path.absolute()
         if not (path / CONFIG).is_file():
             raise UserError(f"--resume {path}: no run there ({CONFIG} missing)")
-        return cls(path, created=False)
+        folder = cls(path, created=False, new=False)
+        try:
+            folder.read_config()
+            if not folder.has_checkpoint():
+                raise UserError(f"--resume {path}: no complete checkpoint in {folder.checkpoint} to resume from")
+        except UserError:
+            folder.release()
+            raise
+        return folder
 
     def read_config(self) -> dict:
         config = read_json(self.config, f"--resume {self.path}: no run there ({CONFIG} missing)")
@@ -67,9 +76,9 @@ class RunFolder:
         return has_checkpoint(self.checkpoint)
 
     def discard_if_unsaved(self) -> bool:
-        """Removes what a run that failed before its first checkpoint wrote, so that the same command can run
-        again; True if it did. A run with a checkpoint is kept for --resume."""
-        if self.has_checkpoint():
+        """Removes what a new run that failed before its first checkpoint wrote, so that the same command can run
+        again; True if it did. A run with a checkpoint is kept for --resume, and a resumed run is never removed."""
+        if not self.new or self.has_checkpoint():
             return False
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -89,7 +98,13 @@ class RunFolder:
 def check_new_run_path(out: Path) -> None:
     """A new run may only go where nothing would be overwritten: a path that does not exist or an empty folder."""
     if (out / CONFIG).is_file():
-        raise UserError(f"--out {out}: a run already lives there (use --resume {out} to continue it)")
+        try:
+            is_run = "flags" in json.loads((out / CONFIG).read_text())
+        except (ValueError, OSError):
+            is_run = False
+        if is_run:
+            raise UserError(f"--out {out}: a run already lives there (use --resume {out} to continue it)")
+        raise UserError(f"--out {out}: holds a {CONFIG} that is not a run's (a model folder?); choose a new folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):

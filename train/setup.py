@@ -7,8 +7,9 @@ from torch import nn
 
 from common.errors import UserError
 from data import Template, label_token_ids
-from model import load_llama, load_tokenizer
+from model import LlamaConfig, load_llama, load_tokenizer
 from model.default import default_model_path
+from train.precision import Precision, resolve_precision
 
 
 @dataclass
@@ -20,11 +21,13 @@ class Base:
     template: Template
     label_ids: torch.Tensor  # (False, True) token ids on the device: class 1 is True
     quantization: str  # "nf4" or "none"
+    numerics: Precision  # what autocast computes in
     dtype: torch.dtype  # of the frozen weights
+    hidden_size: int
 
     @property
     def precision(self) -> str:
-        autocast = "bf16 autocast" if self.device.type == "cuda" else "no autocast"
+        autocast = "no autocast" if self.numerics.name == "fp32" else f"{self.numerics.name} autocast"
         return f"{str(self.dtype).removeprefix('torch.')} weights, {autocast}"
 
     def load_model(self) -> nn.Module:
@@ -36,15 +39,20 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_base(model: str | None, quant: str | None, template: Template, device: torch.device) -> Base:
-    """The tokenizer and label tokens of `model` (default: the packaged SmolLM2), and the quantization and dtype
-    its weights will have on `device`: NF4 on CUDA unless `quant` says otherwise. Reads no weights."""
+def resolve_base(model: str | None, quant: str | None, template: Template, device: torch.device,
+                 precision: str | None = None) -> Base:
+    """The tokenizer and label tokens of `model` (default: the packaged SmolLM2), and the quantization, precision
+    and dtype its weights will have on `device`: NF4 on CUDA unless `quant` says otherwise; `precision` as
+    train.precision.resolve_precision reads it. Reads no weights."""
     model_path = Path(model).absolute() if model else default_model_path()
     if not model_path.is_dir():
         raise UserError(f"--model {model_path}: model folder does not exist")
+    config = LlamaConfig.from_json(model_path / "config.json")
     tokenizer = load_tokenizer(model_path)
     true_id, false_id = label_token_ids(template, tokenizer)
     quantization = quant or ("nf4" if device.type == "cuda" else "none")
-    dtype = torch.bfloat16 if device.type == "cuda" or quantization == "nf4" else torch.float32
+    numerics = resolve_precision(precision, device)
+    # On a CPU 4-bit weights dequantize to bf16, the compute dtype bitsandbytes' CPU path expects.
+    dtype = torch.bfloat16 if device.type == "cpu" and quantization == "nf4" else numerics.compute_dtype
     label_ids = torch.tensor([false_id, true_id], device=device)
-    return Base(device, model_path, tokenizer, template, label_ids, quantization, dtype)
+    return Base(device, model_path, tokenizer, template, label_ids, quantization, numerics, dtype, config.hidden_size)
