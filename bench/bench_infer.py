@@ -30,10 +30,13 @@ from train.predict import attention_without_cudnn, autocast, predict_p_true  # n
 WARMUP_ROWS = 64
 
 
-def llama3_tokenizer():
-    import llama_models  # ships Meta's Llama-3 tokenizer.model
+def llama3_tokenizer(path: str | None = None):
+    """Meta's Llama-3 tokenizer: `path`, or the tokenizer.model the llama-models package ships."""
+    if path is None:
+        import llama_models
 
-    return load_tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model")
+        path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    return load_tokenizer(path)
 
 
 def realistic_table(tokenizer, rows: int, vocab_size: int, seed: int) -> Tokenized:
@@ -108,11 +111,12 @@ def main() -> None:
     p.add_argument("--stack-batch", type=int, default=32, help="rows per batch for the stack")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank of the fresh adapter; 0 for the bare model")
     p.add_argument("--alpha", type=float, default=64)
+    p.add_argument("--tokenizer", help="Meta's Llama-3 tokenizer.model (default: the one llama-models ships)")
     args = p.parse_args()
     rows = args.rows or (64 if args.tiny else 10_000)
     budgets = [int(b) for b in (args.budgets or ("4096" if args.tiny else "32768,65536")).split(",")]
     path, device = checkpoint_path(args), pick_device()
-    tokenizer = llama3_tokenizer()
+    tokenizer = llama3_tokenizer(args.tokenizer)
     true_id, false_id = label_token_ids(get_template("with_solution"), tokenizer)
     label_ids = torch.tensor([false_id, true_id], device=device)
     table = realistic_table(tokenizer, rows, LlamaConfig.from_json(path / "config.json").vocab_size, args.seed)

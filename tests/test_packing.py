@@ -141,27 +141,35 @@ def test_flash_varlen_attention_equals_attention_per_sequence():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_replay_packed_lines_as_the_eager_step(tiny_checkpoint):
+def test_cuda_graphs_replay_packed_lines_within_bf16s_own_error(tiny_checkpoint):
+    # Against the float32 truth, replayed bf16 lines stray no further than eager bf16 lines do.
     from train.optim import AdamW
     from train.step import graphed_backward, optimizer_step
 
     table = random_table([int(n) for n in np.random.default_rng(3).integers(5, 60, size=40)], seed=3)
     label_ids = LABEL_IDS.cuda()
 
-    def run(graphed: bool):
-        model = apply_lora(load_llama(tiny_checkpoint, dtype=torch.bfloat16, device="cuda"), 4, 8, verbose=False)
+    def run(dtype: torch.dtype, graphed: bool):
+        torch.manual_seed(0)
+        model = apply_lora(load_llama(tiny_checkpoint, dtype=dtype, device="cuda"), 4, 8, verbose=False)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.weight.normal_(std=0.05)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, grads = AdamW(params, lr=0.0, weight_decay=0.0), []
         optimizer.step = lambda: grads.append(torch.cat([p.grad.float().flatten().cpu() for p in params]))
-        graphs = graphed_backward(model, params, label_ids) if graphed else None
+        graphs = graphed_backward(model, params, label_ids, dtype=dtype) if graphed else None
         losses = []
         for step in range(4):
             rows = np.arange(10 * step, 10 * step + 10)
             lines = [r.to("cuda") for _, r in packed_rows(table, rows, 0, budget=256, max_seqlen=64)]
-            losses.append(optimizer_step(model, optimizer, lines, label_ids, max_grad_norm=1e9, graphs=graphs)[0])
+            losses.append(optimizer_step(model, optimizer, lines, label_ids, max_grad_norm=1e9, graphs=graphs,
+                                         dtype=dtype)[0])
         return torch.tensor(losses), grads
 
-    (eager_losses, eager_grads), (graph_losses, graph_grads) = run(False), run(True)
-    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=1e-5)
-    for eager, graphed in zip(eager_grads, graph_grads):
-        assert (graphed - eager).abs().max() <= 1e-3 * eager.abs().max()
+    (truth_losses, truth), (plain_losses, plain), (graph_losses, graphed) = (
+        run(torch.float32, False), run(torch.bfloat16, False), run(torch.bfloat16, True))
+    for t, p, g in zip(truth, plain, graphed):
+        assert (g - t).abs().max() <= 1.5 * (p - t).abs().max() + 1e-6 * t.abs().max(), (
+            (g - t).abs().max(), (p - t).abs().max())
+    assert (graph_losses - truth_losses).abs().max() <= 1.5 * (plain_losses - truth_losses).abs().max() + 1e-6

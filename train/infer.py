@@ -15,7 +15,7 @@ from common.files import atomic_write, read_json, write_json
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
-from train.calibrate import DECISION, apply_temperature, decision_in_use
+from train.calibrate import apply_temperature, decision_in_use
 from train.loop import DEFAULT_DATA_DIR
 from train.metrics import binary_metrics
 from train.fastpath import FastPath
