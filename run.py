@@ -81,8 +81,8 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens; longer rows are cut as in training (default: the run's --max-len)")
     parser.add_argument("--batch-tokens", type=positive(int),
                         help="tokens per packed line or batch (default 32768 on CUDA, 2048 on CPU; at least --max-len)")
-    parser.add_argument("--packing", choices=("on", "off"), default="on",
-                        help="score rows laid end to end in lines of --batch-tokens (default on)")
+    parser.add_argument("--packing", choices=("on", "off"),
+                        help="score rows laid end to end in lines of --batch-tokens (default: on with CUDA, off on a CPU)")
     parser.add_argument("--eager", action="store_true", help="no compiled blocks (default on CUDA: compiled)")
     parser.add_argument("--threshold", type=probability,
                         help="call an answer correct when its (calibrated) P(True) is at least this "
@@ -125,9 +125,9 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
                     help="two-class loss on the label tokens, or the full-vocabulary LM loss")
     tr.add_argument("--grad-checkpoint", nargs="?", const=True, default=False, type=positive(int), metavar="N",
                     help="recompute blocks in the backward pass to save memory: all of them, or the first N")
-    tr.add_argument("--packing", choices=("on", "off"), default="on",
-                    help="lay a step's rows end to end in lines of --pack-tokens (default on): the same rows in the "
-                         "same steps as off, without padding, in one shape")
+    tr.add_argument("--packing", choices=("on", "off"),
+                    help="lay a step's rows end to end in lines of --pack-tokens (default: on with CUDA, off on a CPU, "
+                         "where lines ran slower): the same rows in the same steps as off, without padding, one shape")
     tr.add_argument("--pack-tokens", type=positive(int), metavar="N",
                     help="tokens per packed line (default on CUDA: 4096 for models of hidden size 2048 and up, "
                          "16384 below; 2048 on CPU; at least --max-len)")

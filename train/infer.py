@@ -16,7 +16,7 @@ from data import Template, get_template, read_labels, read_table, table_labels, 
 from lora import load_adapter
 from model.default import cache_dir
 from train.calibrate import apply_temperature, decision_in_use
-from train.loop import DEFAULT_DATA_DIR
+from train.loop import DEFAULT_DATA_DIR, default_packing
 from train.metrics import binary_metrics
 from train.fastpath import FastPath
 from train.predict import attention_without_cudnn, default_batch_tokens, predict_p_true
@@ -99,8 +99,9 @@ def open_run(args: Namespace) -> TrainedRun:
     batch_tokens = args.batch_tokens or max(default_batch_tokens(device), max_len)
     if batch_tokens < max_len:
         raise UserError(f"--batch-tokens {batch_tokens} is below --max-len {max_len}: the longest row would not fit")
+    pack = (getattr(args, "packing", None) or default_packing(device)) == "on"
     return TrainedRun(run_dir, adapter_dir, config, get_template(flags.template), args.model or flags.model,
-                      max_len, batch_tokens, device, getattr(args, "packing", "on") == "on", getattr(args, "eager", False))
+                      max_len, batch_tokens, device, pack, getattr(args, "eager", False))
 
 
 def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:

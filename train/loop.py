@@ -45,6 +45,13 @@ def peak_memory_gb(device: torch.device) -> dict:
     return {"peak_host_rss_gb": round(host, 2), "peak_gpu_allocated_gb": gpu and round(gpu, 2)}
 
 
+def default_packing(device: torch.device) -> str:
+    """On with CUDA. Off on a CPU: there packed lines ran at 137 real tokens/s against 301 for padded batches
+    (SmolLM2, the embedded preset, 2 cores; bench/RESULTS.md), the per-row attention and larger tensors costing more
+    than the padding saved."""
+    return "on" if device.type == "cuda" else "off"
+
+
 def default_pack_tokens(device: torch.device, hidden_size: int, step_tokens: float, max_len: int) -> int:
     """Tokens per packed line: a quarter more than a mean step's rows, so that most steps fill one line, up to
     4096 for a large model (hidden size 2048 and up: what the 8B's recomputed activations leave room for in 15 GB)
@@ -96,6 +103,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
         raise UserError("--cuda-graphs needs a CUDA GPU")
     if args.cuda_graphs and args.eager:
         raise UserError("--cuda-graphs and --eager contradict each other")
+    args.packing = args.packing or default_packing(device)
     for flag, budget in (("--eval-batch-tokens", args.eval_batch_tokens), ("--pack-tokens", args.pack_tokens)):
         if budget is not None and budget < args.max_len:
             raise UserError(f"{flag} {budget} is below --max-len {args.max_len}: the longest row would not fit")
