@@ -55,18 +55,24 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Injects the LoRA layers an adapter folder describes (written here or by peft) and loads its weights."""
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter folder's checked config and its tensors under peft's key names."""
     path = Path(adapter_dir)
     config = _read_config(path)
-    apply_lora(model, int(config["r"]), float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
-               targets=tuple(config["target_modules"]), layers=config.get("layers_to_transform"), verbose=False)
     try:
-        tensors = load_file(path / WEIGHTS_FILE)
+        return config, load_file(path / WEIGHTS_FILE)
     except FileNotFoundError:
         raise UserError(f"{path}: no {WEIGHTS_FILE}") from None
     except SafetensorError as err:
         raise UserError(f"{path / WEIGHTS_FILE}: corrupt or truncated safetensors file ({err})") from None
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Injects the LoRA layers an adapter folder describes (written here or by peft) and loads its weights."""
+    path = Path(adapter_dir)
+    config, tensors = read_adapter(path)
+    apply_lora(model, int(config["r"]), float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
+               targets=tuple(config["target_modules"]), layers=config.get("layers_to_transform"), verbose=False)
     expected = adapter_state_dict(model)
     unexpected = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))

@@ -19,7 +19,7 @@ INDEX_FILE = "model.safetensors.index.json"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _shard_files(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -37,7 +37,7 @@ def _shard_files(path: Path) -> list[Path]:
     return shards
 
 
-def _read_tensors(shards: list[Path]) -> Iterator[tuple[str, Tensor]]:
+def read_tensors(shards: list[Path]) -> Iterator[tuple[str, Tensor]]:
     """Yields (name, tensor) one at a time from memory-mapped shards."""
     for shard in shards:
         try:
@@ -67,12 +67,12 @@ def load_llama(
     if not path.is_dir():
         raise UserError(f"{path}: model folder does not exist")
     config = LlamaConfig.from_json(path / "config.json")
-    shards = _shard_files(path)
+    shards = shard_files(path)
     with torch.device("meta"):
         model = Llama(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied lm_head is listed once
     loaded = set()
-    for name, tensor in _read_tensors(shards):
+    for name, tensor in read_tensors(shards):
         if name not in expected:
             raise UserError(f"{path}: unexpected tensor {name} {tuple(tensor.shape)} in checkpoint")
         if tuple(tensor.shape) != expected[name]:

@@ -90,9 +90,10 @@ def save_decision(run_dir: Path, decision: dict) -> None:
     write_json(Path(run_dir) / DECISION, decision)
 
 
-def load_decision(run_dir: Path) -> dict | None:
-    """RUN/decision.json, or None where the run has none; a malformed one is a UserError naming the file."""
-    path = Path(run_dir) / DECISION
+def load_decision(run_dir: Path, file: str = DECISION) -> dict | None:
+    """RUN/decision.json (or another `file` holding a temperature and threshold, e.g. an export's judge.json), or
+    None where the run has none; a malformed one is a UserError naming the file."""
+    path = Path(run_dir) / file
     if not path.exists():
         return None
     decision = read_json(path, f"{path}: not a file")
@@ -103,11 +104,11 @@ def load_decision(run_dir: Path) -> dict | None:
     return decision
 
 
-def decision_in_use(run_dir: Path, threshold: float | None = None) -> tuple[dict, str]:
+def decision_in_use(run_dir: Path, threshold: float | None = None, file: str = DECISION) -> tuple[dict, str]:
     """The temperature and threshold to score with: the run's decision.json (T = 1 and 0.5 without one), its
     threshold replaced by `threshold` when given; and a line saying where each came from."""
-    stored = load_decision(run_dir)
-    where = str(Path(run_dir) / DECISION) if stored else "default"
+    stored = load_decision(run_dir, file)
+    where = str(Path(run_dir) / file) if stored else "default"
     temperature = stored["temperature"] if stored else 1.0
     if threshold is None:
         threshold, threshold_from = (stored["threshold"] if stored else 0.5), where

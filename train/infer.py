@@ -15,13 +15,15 @@ from common.files import atomic_write, read_json, write_json
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
-from train.calibrate import apply_temperature, decision_in_use
+from train.calibrate import DECISION, apply_temperature, decision_in_use
 from train.loop import DEFAULT_DATA_DIR, default_packing
 from train.metrics import binary_metrics
 from train.fastpath import FastPath
 from train.predict import attention_without_cudnn, default_batch_tokens, predict_p_true
 from train.runfolder import CONFIG
 from train.setup import pick_device, resolve_base
+
+JUDGE = "judge.json"  # what `run.py export` writes beside merged weights for `infer --model`
 
 
 def newest_run(runs_dir: Path = Path("runs")) -> Path:
@@ -60,9 +62,10 @@ def check_outputs(outputs: list[Path], inputs: list[Path], folders: list[Path] =
 
 @dataclass
 class TrainedRun:
-    """A finished run resolved for scoring, with the scoring flags applied and checked; no weights read yet."""
+    """A finished run (or a merged export holding judge.json) resolved for scoring, with the scoring flags applied
+    and checked; no weights read yet."""
     path: Path
-    adapter: Path
+    adapter: Path | None  # None: the model folder holds the merged weights
     config: dict
     template: Template
     model: str | None  # the base model folder
@@ -71,6 +74,7 @@ class TrainedRun:
     device: torch.device
     pack: bool
     eager: bool
+    decision_file: str = DECISION  # in `path`
 
     def files(self) -> list[Path]:
         """The run's own files, which no output may overwrite."""
@@ -84,7 +88,10 @@ class TrainedRun:
 
 def open_run(args: Namespace) -> TrainedRun:
     """The run of `args.run` (default: the newest under runs/) and its adapter (`args.best`: adapter_best/), with
-    `args.max_len`, `args.batch_tokens` and `args.model` defaulting to what the run used."""
+    `args.max_len`, `args.batch_tokens` and `args.model` defaulting to what the run used. Without `args.run`, an
+    `args.model` folder holding judge.json (`run.py export`) is scored as it is, with no adapter."""
+    if not args.run and args.model and (Path(args.model) / JUDGE).is_file():
+        return open_export(args)
     run_dir = Path(args.run).absolute() if args.run else newest_run()
     adapter_dir = run_dir / ("adapter_best" if args.best else "adapter")
     unfinished = f"--run {run_dir}: not a finished run (needs {CONFIG} and {adapter_dir.name}/)"
@@ -94,14 +101,31 @@ def open_run(args: Namespace) -> TrainedRun:
     if not isinstance(config.get("flags"), dict):
         raise UserError(f"{run_dir / CONFIG}: not a run's config (no 'flags' object)")
     flags = Namespace(**config["flags"])
-    max_len = getattr(args, "max_len", None) or flags.max_len
+    return TrainedRun(run_dir, adapter_dir, config, get_template(flags.template), args.model or flags.model,
+                      *_scoring(args, flags.max_len))
+
+
+def _scoring(args: Namespace, run_max_len: int) -> tuple[int, int, torch.device, bool, bool]:
+    """max_len, batch_tokens, device, pack and eager: the scoring flags, defaulting to the run's."""
+    max_len = getattr(args, "max_len", None) or run_max_len
     device = pick_device()
     batch_tokens = args.batch_tokens or max(default_batch_tokens(device), max_len)
     if batch_tokens < max_len:
         raise UserError(f"--batch-tokens {batch_tokens} is below --max-len {max_len}: the longest row would not fit")
     pack = (getattr(args, "packing", None) or default_packing(device)) == "on"
-    return TrainedRun(run_dir, adapter_dir, config, get_template(flags.template), args.model or flags.model,
-                      max_len, batch_tokens, device, pack, getattr(args, "eager", False))
+    return max_len, batch_tokens, device, pack, getattr(args, "eager", False)
+
+
+def open_export(args: Namespace) -> TrainedRun:
+    """A merged export's judge.json read as a run: its template, max_len, the run's quant and precision."""
+    folder = Path(args.model).absolute()
+    judge = read_json(folder / JUDGE, f"{folder}: no {JUDGE}")
+    for key, kind in (("template", str), ("max_len", int), ("quant", str)):
+        if not isinstance(judge.get(key), kind):
+            raise UserError(f"{folder / JUDGE}: {key}={judge.get(key)!r} is not a {kind.__name__}")
+    config = {"flags": {"quant": judge["quant"], "precision": judge.get("precision")}}
+    return TrainedRun(folder, None, config, Template(str(folder / JUDGE), judge["template"]), str(folder),
+                      *_scoring(args, judge["max_len"]), decision_file=JUDGE)
 
 
 def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
@@ -114,7 +138,9 @@ def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
         print(f"note: the run trained on {trained.get('device')} ({trained.get('precision')}); "
               f"scoring on {run.device} ({base.precision}), same {base.quantization} base")
     table = tokenize_table(df, base.tokenizer, run.template, run.max_len, cache_dir=cache_dir() / "tokens")
-    model = load_adapter(base.load_model(), run.adapter)
+    model = base.load_model()
+    if run.adapter is not None:
+        load_adapter(model, run.adapter)
     fast = FastPath(model, run.device, compile=not run.eager and run.device.type == "cuda")
     # unpacked, every batch has a shape of its own, for which cuDNN attention would first build a plan
     with (tqdm(total=len(table), desc="score", unit="row", dynamic_ncols=True) as bar,
@@ -125,7 +151,7 @@ def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
                           reset=bar.reset)
     if not np.isfinite(p_true).all():
         raise UserError(f"{np.count_nonzero(~np.isfinite(p_true))} rows of {df.attrs['source']} got a non-finite "
-                        f"P(True); the adapter in {run.adapter} is broken")
+                        f"P(True); the weights in {run.adapter or run.model} are broken")
     return p_true
 
 
@@ -137,7 +163,7 @@ def infer(args: Namespace) -> Path:
         data_path, labels_path = DEFAULT_DATA_DIR / "test.csv", Path(args.labels or DEFAULT_DATA_DIR / "test_labels.csv")
     outputs = output_files(Path(args.out))
     check_outputs(outputs, [data_path, *([labels_path] if labels_path else []), *run.files()], run.folders())
-    decision, used = decision_in_use(run.path, args.threshold)
+    decision, used = decision_in_use(run.path, args.threshold, run.decision_file)
 
     df = read_table(data_path, split="test", template=run.template)
     labels = read_labels(labels_path, df["ID"]) if labels_path else table_labels(df)
@@ -148,7 +174,7 @@ def infer(args: Namespace) -> Path:
     out, p_true_out, metrics_out = outputs
     write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": predicted}), out)
     write_csv(pd.DataFrame({"ID": df["ID"], "p_true": p_true}), p_true_out)
-    print(f"{out}: {len(df)} predictions from {run.adapter} ({int(predicted.sum())} True)")
+    print(f"{out}: {len(df)} predictions from {run.adapter or run.model} ({int(predicted.sum())} True)")
     if labels is not None:
         metrics = binary_metrics(p_true, labels, decision["threshold"])
         write_json(metrics_out, {**metrics, **decision})
