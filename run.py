@@ -1,9 +1,12 @@
-"""Command line: `python run.py train [flags]`, `python run.py infer [flags]` and `python run.py eval [flags]`."""
+"""Command line: `python run.py {train,infer,eval,sweep,export} [flags]`."""
 import argparse
+import json
 import math
 import re
 import signal
 import sys
+import tomllib
+from pathlib import Path
 
 from safetensors import SafetensorError
 
@@ -19,6 +22,9 @@ PRESETS = {
     "embedded": dict(rank=16, alpha=32, lora_layers=16, lr=1e-3, batch_size=8, warmup_steps=10, max_steps=110,
                      val_size=200, eval_every=55, max_len=256, group_col="group"),
 }
+
+
+SELECT_METRICS = ("auroc", "accuracy", "log_loss")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -99,6 +105,8 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     tr.add_argument("--data", help="training table: CSV, TSV, JSON Lines or Parquet (default: the embedded dataset)")
     tr.add_argument("--out", help="run folder (default: runs/<date-time>)")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
+    tr.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                    help="TOML file of train flags (dashes or underscores), or a run's config.json; explicit flags win")
     tr.add_argument("--preset", choices=sorted(PRESETS), help="a named set of hyperparameters; explicit flags win")
     tr.add_argument("--rank", type=positive(int), default=16, help="LoRA rank r (default 16)")
     tr.add_argument("--alpha", type=positive(float), default=32, help="LoRA alpha; the update is scaled by alpha/r")
@@ -142,6 +150,10 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
                     help="token budget of an eval batch (default 32768 on CUDA, 2048 on CPU)")
     tr.add_argument("--seed", type=seed, default=0, help="fixes data order, split, LoRA init and dropout")
     tr.add_argument("--skip-bad-rows", action="store_true", help="skip invalid rows (reported) instead of stopping")
+    tr.add_argument("--select-by", choices=SELECT_METRICS, default="auroc",
+                    help="validation metric that picks adapter_best/ (default auroc; log loss is best lowest)")
+    tr.add_argument("--patience", type=positive(int), metavar="N",
+                    help="stop early after N evaluations without a better --select-by metric (default: never)")
     if preset in PRESETS:
         tr.set_defaults(**PRESETS[preset], preset=preset)
     if explicit_only:
@@ -166,13 +178,72 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     ev.add_argument("--threshold-for", choices=("accuracy", "f1"),
                     help="what the threshold fitted by --fit maximizes (default accuracy)")
     add_scoring_flags(ev)
+
+    ex = commands.add_parser("export", help="merge a run's adapter into its base: a Hugging Face model folder")
+    ex.add_argument("--run", help="run folder (default: the newest under runs/)")
+    ex.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    ex.add_argument("--best", action="store_true", help="export the run's best validation adapter")
+    ex.add_argument("--format", choices=("hf", "hf-classifier"), default="hf",
+                    help="hf: LlamaForCausalLM plus judge.json for `infer --model DIR`; hf-classifier: "
+                         "LlamaForSequenceClassification with the (False, True) label rows as its head (default hf)")
+    ex.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights' dtype (default bf16)")
+    ex.add_argument("--model", help="base model folder, when it moved since training")
+
+    sw = commands.add_parser(
+        "sweep", help="train every combination of a grid of train flags and compare them",
+        description="Runs `run.py train` once per combination of --grid, one after another in child processes (one "
+                    "run per GPU in parallel is not supported), each in DIR/<name>; flags not named here are passed to "
+                    "every run. Running the same command again skips finished runs and resumes interrupted ones. "
+                    "Writes sweep.md, sweep.csv and sweep.png.")
+    sw.add_argument("--grid", required=True, help='train flags and their values, e.g. "rank=16,64 lr=1e-4,2e-4"')
+    sw.add_argument("--out", metavar="DIR", help="sweep folder (default: sweeps/<date-time>)")
+    sw.add_argument("--metric", choices=SELECT_METRICS, default="auroc",
+                    help="validation metric the table is sorted by (default auroc)")
     return parser
+
+
+def config_file_flags(path: Path) -> list[str]:
+    """A --config file as train flags: TOML keys, or the "flags" of a run's config.json (less where it ran)."""
+    try:
+        if path.suffix == ".json":
+            flags = json.loads(path.read_text())["flags"]
+            values = {k: v for k, v in flags.items() if k not in ("command", "out", "resume")}
+        else:
+            values = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"--config {path}: {err.strerror}") from None
+    except (ValueError, KeyError, TypeError) as err:  # a bad TOML or JSON file, or JSON that is not a run's config
+        raise UserError(f"--config {path}: not a TOML file or a run's config.json ({err})") from None
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train_parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown = [k for k in values if k.replace("-", "_") not in actions]
+    if unknown:
+        raise UserError(f"--config {path}: unknown train flag(s) {', '.join(unknown)} (see `python run.py train --help`)")
+    tokens = []
+    for key, value in values.items():
+        action = actions[key.replace("-", "_")]
+        if action.nargs == 0 and not isinstance(value, bool):
+            raise UserError(f"--config {path}: {key}={value!r} must be true or false")
+        if value is not None and value is not False:
+            tokens += [action.option_strings[0]] + ([] if value is True else [str(value)])
+    return tokens
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """A preset replaces the defaults, so flags given explicitly still win. Training on the embedded
     dataset (no --data, no --resume) takes the "embedded" preset unless another is named. With --resume only the
-    flags given explicitly are set: the run's own flags fill the rest."""
+    flags given explicitly are set: the run's own flags fill the rest. `train --config FILE` reads flags from FILE,
+    placed before the command line's so that these win."""
+    if argv[:1] == ["train"]:
+        config = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        config.add_argument("--config", type=Path)
+        known, rest = config.parse_known_args(argv[1:])
+        if known.config is not None:
+            try:
+                argv = ["train", *config_file_flags(known.config), *rest]
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
     first = argparse.ArgumentParser(add_help=False)
     for flag in ("--preset", "--data", "--resume"):
         first.add_argument(flag)
@@ -180,6 +251,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     is_train = argv[:1] == ["train"]
     embedded = is_train and known.data is None and known.resume is None
     parser = build_parser(known.preset or ("embedded" if embedded else None), explicit_only=known.resume is not None)
+    if argv[:1] == ["sweep"]:  # the flags sweep does not know are for each run
+        args, train_flags = parser.parse_known_args(argv)
+        args.train_flags = train_flags
+        return args
     return parser.parse_args(argv)
 
 
@@ -192,6 +267,12 @@ def main(argv: list[str]) -> int:
         elif args.command == "infer":
             from train.infer import infer
             infer(args)
+        elif args.command == "export":
+            from train.export import export
+            export(args)
+        elif args.command == "sweep":
+            from train.sweep import sweep
+            sweep(args, build_parser())
         else:
             from train.evaluate import evaluate
             evaluate(args)

@@ -67,6 +67,18 @@ def trim_metrics(metrics: Path, step: int) -> None:
         atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
 
+def improves(metric: str, value: float | None, best: float | None) -> bool:
+    """Whether `value` of the validation `metric` beats `best` (None: nothing yet); log loss falls, the rest rise,
+    and a None value (AUROC with one class, log loss of scores outside [0, 1]) never wins."""
+    if value is None:
+        return False
+    return best is None or (value < best if metric == "log_loss" else value > best)
+
+
+def patience_ran_out(progress: dict, patience: int | None) -> bool:
+    return patience is not None and progress.get("stale_evals", 0) >= patience
+
+
 def absolute_paths(flags: dict) -> dict:
     """Paths as absolute, so that a run resumes and scores from any working directory."""
     paths = {key: str(Path(flags[key]).absolute()) for key in ("model", "data", "out") if flags.get(key)}
@@ -130,10 +142,15 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
         config = {"manifest": manifest(data_path, str(device), gpu, base.precision, base.quantization), "resumes": []}
         write_config(folder, vars(args), config["manifest"], config["resumes"])
     else:
-        done = saved_progress(folder.checkpoint)["step"]
+        saved = saved_progress(folder.checkpoint)
+        done = saved["step"]
         if done >= last_step and folder.adapter.is_dir():
             raise UserError(f"--resume {folder.path}: the run already finished at step {done} "
                             f"(pass a larger --max-steps or --epochs to train further)")
+        if patience_ran_out(saved, args.patience) and folder.adapter.is_dir():
+            raise UserError(f"--resume {folder.path}: the run stopped early at step {done} after "
+                            f"{saved['stale_evals']} evaluations without a better {args.select_by} "
+                            f"(pass a larger --patience to train further)")
         # written once the checkpoint has loaded into this configuration (in _run): a refused resume changes nothing
         config["resumes"] = [*config.get("resumes", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                          "changed": changes}]
@@ -182,7 +199,8 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
                                                     args.pack_tokens, args.max_len)]
         return [padded_rows(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in batches]
 
-    progress = {"step": 0, "epoch": 0, "index": 0, "best_accuracy": -1.0, "wall_s": 0.0}
+    progress = {"step": 0, "epoch": 0, "index": 0, "best_score": None, "best_step": None, "stale_evals": 0,
+                "wall_s": 0.0}
     if folder.has_checkpoint():
         progress = load_checkpoint(folder.checkpoint, model, optimizer)
         if "loss_scaler" in progress:
@@ -209,9 +227,11 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
         last_scores["val"] = p_true
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
         append_jsonl(folder.metrics, metrics)
-        if metrics["accuracy"] > progress["best_accuracy"]:
-            progress["best_accuracy"] = metrics["accuracy"]
+        if improves(args.select_by, metrics[args.select_by], progress["best_score"]):
+            progress.update(best_score=metrics[args.select_by], best_step=progress["step"], stale_evals=0)
             save_adapter(model, folder.adapter_best, base_model_name_or_path=str(base.model_path))
+        else:
+            progress["stale_evals"] += 1
         return metrics
 
     last_scores: dict[str, np.ndarray] = {}
@@ -221,7 +241,7 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
     metrics = {}
     stop.deferred = True  # from here a signal stops the loop at the next step boundary, with a checkpoint
     try:
-        while progress["step"] < last_step:
+        while progress["step"] < last_step and not patience_ran_out(progress, args.patience):
             step = progress["step"]
             lr = lr_at(step, args.lr, min(args.warmup_steps, last_step), last_step)
             for group in optimizer.param_groups:
@@ -272,7 +292,11 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
     finally:
         bar.close()
 
-    if "val" not in last_scores:  # resumed at its last step, before adapter/ was written
+    stopped_early = patience_ran_out(progress, args.patience) and progress["step"] < last_step
+    if stopped_early:
+        bar.write(f"stopped early at step {progress['step']}: {args.patience} evaluations without a better "
+                  f"{args.select_by} than {progress['best_score']} (step {progress['best_step']})")
+    if "val" not in last_scores:  # resumed at its last step (or where patience ran out), before adapter/ was written
         metrics = evaluate()
     save_adapter(model, folder.adapter, base_model_name_or_path=str(base.model_path))
     save_decision(folder.path, fit_decision(last_scores["val"], val_labels))  # for adapter/, which infer uses
@@ -282,7 +306,9 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
                "steps": progress["step"], "train_rows": len(train_table), "val_rows": len(val_table),
                "truncated_rows": train_table.n_truncated + val_table.n_truncated,
                "wall_s": round(progress["wall_s"], 1), **peak_memory_gb(device), "final": metrics,
-               "best_val_accuracy": progress["best_accuracy"], "skipped_steps": scaler.skipped}
+               "best_val": {"metric": args.select_by, "value": progress["best_score"], "step": progress["best_step"]},
+               "stopped_early": stopped_early, "stopped_at_step": progress["step"] if stopped_early else None,
+               "skipped_steps": scaler.skipped}
     write_json(folder.summary, summary)
     print(f"run saved in {folder.path}: adapter/, adapter_best/, metrics.jsonl, training.png, summary.json")
     return folder.path

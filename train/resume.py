@@ -3,10 +3,11 @@ from pathlib import Path
 
 from common.errors import UserError
 
-# How long to train, how often to evaluate, how fast to run (the same rows in the same steps, summed in another
-# order), and where the base or the (unchanged) table now lies.
-CHANGEABLE = ("max_steps", "epochs", "eval_every", "eval_batch_tokens", "compile", "cuda_graphs", "eager", "packing",
-              "pack_tokens", "grad_checkpoint", "model", "data")
+# How long to train (and when to stop early), how often to evaluate, how fast to run (the same rows in the same
+# steps, summed in another order), and where the base or the (unchanged) table now lies. Not --select-by: the
+# best score so far was kept by the old metric.
+CHANGEABLE = ("max_steps", "epochs", "patience", "eval_every", "eval_batch_tokens", "compile", "cuda_graphs", "eager",
+              "packing", "pack_tokens", "grad_checkpoint", "model", "data")
 NOT_FLAGS = ("command", "resume")
 
 

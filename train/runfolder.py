@@ -68,8 +68,9 @@ class RunFolder:
 
     def read_config(self) -> dict:
         config = read_json(self.config, f"--resume {self.path}: no run there ({CONFIG} missing)")
-        if not isinstance(config.get("flags"), dict):
-            raise UserError(f"{self.config}: not a run's config (no 'flags' object)")
+        for key in ("flags", "manifest"):
+            if not isinstance(config.get(key), dict):
+                raise UserError(f"{self.config}: not a run's config (no {key!r} object)")
         return config
 
     def has_checkpoint(self) -> bool:

@@ -1,0 +1,97 @@
+"""`run.py sweep`: a grid of train flags run one by one, failures as rows, resumable (issue 17, item 3)."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import run
+import train.sweep
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_flags(model: Path, data: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--rank", "4", "--alpha", "8", "--batch-size", "4",
+            "--max-steps", "2", "--warmup-steps", "1", "--val-size", "8", "--eval-every", "2", "--lr", "1e-3"]
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """The one line of a failing command, from run.main or from the train parser checking the flags of each run."""
+    capsys.readouterr()
+    try:
+        status = run.main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_grid_runs_every_combination_a_failure_is_a_row_and_a_rerun_skips_finished_runs(tiny_llama3, tables,
+                                                                                           tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--grid", "max-len=256,128 eval_batch_tokens=200,512", "--out", str(out),
+            *tiny_flags(tiny_llama3, tables[0])]
+    assert run.main(argv) == 0
+    rows = {r["run"]: r for r in csv.DictReader((out / "sweep.csv").open())}
+    assert set(rows) == {"max-len256_eval-batch-tokens200", "max-len256_eval-batch-tokens512",
+                         "max-len128_eval-batch-tokens200", "max-len128_eval-batch-tokens512"}
+    failed = rows["max-len256_eval-batch-tokens200"]
+    assert failed["error"] == "--eval-batch-tokens 200 is below --max-len 256: the longest row would not fit"
+    assert failed["auroc"] == "" and not (out / failed["run"]).exists()
+    finished = [r for name, r in rows.items() if r is not failed]
+    for r in finished:
+        summary = json.loads((out / r["run"] / "summary.json").read_text())
+        assert r["error"] == "" and float(r["accuracy"]) == summary["final"]["accuracy"]
+        assert summary["flags"]["max_len"] == int(r["max_len"]) and float(r["peak_memory_gb"]) > 0
+    aurocs = [float(r["auroc"]) for r in csv.DictReader((out / "sweep.csv").open()) if r["auroc"]]
+    assert aurocs == sorted(aurocs, reverse=True) and len(aurocs) == 3
+
+    table = (out / "sweep.md").read_text().splitlines()
+    assert table[0] == "# Sweep, sorted by validation auroc"
+    body = [line for line in table if line.startswith("| max-len")]
+    assert len(body) == 4 and body[-1].startswith("| max-len256_eval-batch-tokens200 | 256 | 200 |")
+    assert body[-1].endswith("| --eval-batch-tokens 200 is below --max-len 256: the longest row would not fit |")
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    written = {r["run"]: (out / r["run"] / "summary.json").stat().st_mtime_ns for r in finished}
+    capsys.readouterr()
+    assert run.main(argv) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 3
+    assert written == {r["run"]: (out / r["run"] / "summary.json").stat().st_mtime_ns for r in finished}
+    assert len(list(csv.DictReader((out / "sweep.csv").open()))) == 4
+
+
+def test_an_interrupted_run_is_resumed(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "sweep" / "rank4" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "progress.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(train.sweep, "run_child", lambda argv, out: calls.append(argv) or "it broke")
+    assert run.main(["sweep", "--grid", "rank=4,8", "--out", str(tmp_path / "sweep"), "--max-steps", "3"]) == 0
+    assert calls == [["--resume", str(tmp_path / "sweep" / "rank4")],
+                     ["--max-steps", "3", "--rank", "8", "--out", str(tmp_path / "sweep" / "rank8")]]
+    assert [r["error"] for r in csv.DictReader((tmp_path / "sweep" / "sweep.csv").open())] == ["it broke"] * 2
+
+
+@pytest.mark.parametrize("grid, extra, message", [
+    ("rank=16,x", [], "--grid: --rank=x: 'x' is not an integer"),
+    ("colour=1,2", [], "--grid: 'colour' is not a flag of `run.py train` that a sweep can vary"),
+    ("rank", [], "--grid: 'rank' is not flag=value[,value...]"),
+    ("rank=4,", [], "--grid: 'rank=4,' is not flag=value[,value...]"),
+    ("eager=1", [], "--grid: --eager is a switch without a value"),
+    ("loss=classifier,mse", [], "--grid: --loss=mse: must be one of classifier, lm"),
+    ("out=a,b", [], "'out' is not a flag of `run.py train` that a sweep can vary"),
+    ("rank=4,8", ["--rank", "16"], "sweep: --rank is in --grid"),
+    ("rank=4,8", ["--resume", "x"], "sweep: --resume is set by the sweep"),
+    ("rank=4,8", ["--lr", "fast"], "argument --lr: 'fast' is not a number"),
+    ("rank=4,8", ["--colour", "3"], "unrecognized arguments: --colour 3"),
+])
+def test_bad_grids_and_flags_are_one_line_before_any_run(grid, extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.sweep, "run_child", lambda *args: pytest.fail("a run started"))
+    assert message in one_line_error(["sweep", "--grid", grid, "--out", str(tmp_path / "s"), *extra], capsys)

@@ -1,0 +1,171 @@
+"""`run.py sweep`: one `run.py train` per combination of a grid of train flags, in child processes one after another
+(a failing run becomes a row, not the end of the sweep), then a table of their validation metrics."""
+import argparse
+import csv
+import io
+import itertools
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.errors import Interrupted, UserError
+from common.files import atomic_write
+
+RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
+COLUMNS = ("accuracy", "auroc", "log_loss", "ece", "wall_s", "peak_memory_gb")
+LOWER_IS_BETTER = ("log_loss",)
+NOT_IN_GRID = ("out", "resume")  # the sweep owns each run's folder
+
+
+def train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["train"]
+
+
+def parse_grid(text: str, train: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """{train flag: values} from "rank=16,64 lr=1e-4,2e-4"; a bad key or value is one UserError naming it."""
+    options = {a.dest: a for a in train._actions if a.option_strings}
+    grid: dict[str, list[str]] = {}
+    for item in text.split():
+        key, sep, values = item.partition("=")
+        name = key.lstrip("-").replace("-", "_")
+        flag = "--" + name.replace("_", "-")
+        if not sep or not key or not all(values.split(",")):
+            raise UserError(f"--grid: {item!r} is not flag=value[,value...]")
+        if name not in options or name in NOT_IN_GRID or name == "help":
+            raise UserError(f"--grid: {key!r} is not a flag of `run.py train` that a sweep can vary")
+        if name in grid:
+            raise UserError(f"--grid: {flag} is given twice")
+        action = options[name]
+        if action.nargs == 0:
+            raise UserError(f"--grid: {flag} is a switch without a value; pass it after --grid to set it for every run")
+        for value in values.split(","):
+            try:
+                converted = action.type(value) if action.type else value
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                raise UserError(f"--grid: {flag}={value}: {err}") from None
+            if action.choices and converted not in action.choices:
+                raise UserError(f"--grid: {flag}={value}: must be one of {', '.join(map(str, action.choices))}")
+        grid[name] = values.split(",")
+    if not grid:
+        raise UserError("--grid: no flags given")
+    return grid
+
+
+def run_name(combo: dict[str, str]) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", f"{key.replace('_', '-')}{value}") for key, value in combo.items())
+
+
+def grid_argv(combo: dict[str, str]) -> list[str]:
+    return [arg for key, value in combo.items() for arg in ("--" + key.replace("_", "-"), value)]
+
+
+def run_child(argv: list[str], out: Path) -> str | None:
+    """Runs `run.py train` with `argv`, its output passed through; None on success, else its one-line error (its
+    last `error:` line)."""
+    error = None
+    child = subprocess.Popen([sys.executable, str(RUN_PY), "train", *argv], stderr=subprocess.PIPE, text=True,
+                             errors="replace")
+    try:
+        for line in child.stderr:  # text mode reads tqdm's carriage returns as line ends
+            sys.stderr.write(line)
+            if line.startswith("error: "):
+                error = line.removeprefix("error: ").strip()
+        status = child.wait()
+    except KeyboardInterrupt:  # the child got the signal too: let it save its checkpoint
+        child.wait()
+        raise Interrupted(f"sweep stopped; run the same command with --out {out} to continue", signal.SIGINT) from None
+    return None if status == 0 else error or f"exit status {status}"
+
+
+def run_row(run_dir: Path, combo: dict[str, str], error: str | None) -> dict:
+    row = {"run": run_dir.name, **combo, **dict.fromkeys(COLUMNS), "best": None, "error": error}
+    if error is None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        row.update({k: summary["final"].get(k) for k in COLUMNS[:4]}, wall_s=summary["wall_s"],
+                   peak_memory_gb=summary["peak_gpu_allocated_gb"] if summary["peak_gpu_allocated_gb"] is not None
+                   else summary["peak_host_rss_gb"])
+        best = summary.get("best_val")
+        if best and best["value"] is not None:
+            row["best"] = f"{best['metric']} {best['value']:.4f} at step {best['step']}"
+    return row
+
+
+def sort_rows(rows: list[dict], metric: str) -> list[dict]:
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+    return sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0)))
+
+
+def cell(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_report(out: Path, rows: list[dict], keys: list[str], metric: str) -> None:
+    flags = ["--" + k.replace("_", "-") for k in keys]
+    header = ["run", *flags, "val accuracy", "val AUROC", "val log loss", "val ECE", "training s",
+              "peak memory GB (GPU, else host RSS)", "best adapter", "error"]
+    lines = [f"# Sweep, sorted by validation {metric}", "",
+             "Metrics of each run's final adapter (`adapter/`) on its validation split.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        values = [r["run"], *(r[k] for k in keys), *(cell(r[c]) for c in COLUMNS[:4]), cell(r["wall_s"], 1),
+                  cell(r["peak_memory_gb"], 2), r["best"], r["error"]]
+        lines.append("| " + " | ".join(cell(v).replace("|", "\\|") for v in values) + " |")
+    atomic_write(out / "sweep.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=["run", *keys, *COLUMNS, "best", "error"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "sweep.csv", lambda f: f.write(table.getvalue().encode()))
+    plot_metric(out / "sweep.png", [r for r in rows if r[metric] is not None], metric)
+
+
+def plot_metric(path: Path, rows: list[dict], metric: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 1.5 + 0.35 * len(rows)))
+    ax = fig.add_subplot()
+    ax.barh([r["run"] for r in rows][::-1], [r[metric] for r in rows][::-1])
+    ax.set_xlabel(f"validation {metric}")
+    ax.set_title("runs that finished, best on top")
+    fig.tight_layout()
+    atomic_write(path, lambda f: FigureCanvasAgg(fig).print_png(f))
+
+
+def sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    train = train_parser(parser)
+    grid = parse_grid(args.grid, train)
+    passed = {a.split("=")[0].lstrip("-").replace("-", "_") for a in args.train_flags if a.startswith("--")}
+    clash = sorted(passed & {*grid, *NOT_IN_GRID})
+    if clash:
+        where = "is in --grid" if clash[0] in grid else "is set by the sweep (each run's folder)"
+        raise UserError(f"sweep: --{clash[0].replace('_', '-')} {where}")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    train.parse_args([*args.train_flags, *grid_argv(combos[0])])  # bad train flags: one line, before any run
+    out = Path(args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"sweep of {len(combos)} runs in {out} (the same command with --out {out} continues it)")
+    rows = []
+    for i, combo in enumerate(combos, 1):
+        run_dir = out / run_name(combo)
+        if (run_dir / "summary.json").is_file():
+            print(f"[{i}/{len(combos)}] {run_dir.name}: finished, skipped")
+            error = None
+        elif (run_dir / "checkpoint" / "progress.json").is_file():
+            print(f"[{i}/{len(combos)}] {run_dir.name}: resuming")
+            error = run_child(["--resume", str(run_dir)], out)
+        else:
+            print(f"[{i}/{len(combos)}] {run_dir.name}")
+            error = run_child([*args.train_flags, *grid_argv(combo), "--out", str(run_dir)], out)
+        rows.append(run_row(run_dir, combo, error))
+    write_report(out, sort_rows(rows, args.metric), list(grid), args.metric)
+    print(f"sweep saved in {out}: sweep.md, sweep.csv, sweep.png")
+    return out
