@@ -28,6 +28,7 @@ from train.plots import plot_run
 from train.predict import attention_without_cudnn, predict_p_true
 from train.resume import resumed_flags
 from train.runfolder import RunFolder, check_new_run_path, file_sha256, manifest, write_config
+from train.runlog import RunLog
 from train.schedule import lr_at, total_steps
 from train.setup import Base, pick_device, resolve_base
 from train.step import optimizer_step
@@ -157,7 +158,8 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
     print(f"{data_path}: {len(train_idx)} training rows, {len(val_idx)} validation rows; run folder {folder.path}")
     with stop_requests() as stop:
         try:
-            return _run(args, folder, config, base, train_table, val_table, val_labels, last_step, stop)
+            with RunLog(folder.tensorboard) as log:  # closed before a failed new run's folder is removed
+                return _run(args, folder, config, base, train_table, val_table, val_labels, last_step, stop, log)
         except KeyboardInterrupt as interrupt:
             number = getattr(signal.Signals, str(interrupt), signal.SIGINT)
             if folder.discard_if_unsaved():
@@ -173,7 +175,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
 
 
 def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_table: Tokenized,
-         val_table: Tokenized, val_labels: np.ndarray, last_step: int, stop: StopRequest) -> Path:
+         val_table: Tokenized, val_labels: np.ndarray, last_step: int, stop: StopRequest, log: RunLog) -> Path:
     device = base.device
     torch.manual_seed(args.seed)
     model = base.load_model()
@@ -207,6 +209,7 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
             scaler.load_state_dict(progress["loss_scaler"])
         write_config(folder, vars(args), config["manifest"], config["resumes"])
         trim_metrics(folder.metrics, progress["step"])  # steps after the checkpoint are trained again
+        log.resume_after(progress["step"])
         print(f"resuming at step {progress['step']} of {last_step}")
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
@@ -227,6 +230,7 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
         last_scores["val"] = p_true
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
         append_jsonl(folder.metrics, metrics)
+        log.evaluation(metrics, p_true)
         if improves(args.select_by, metrics[args.select_by], progress["best_score"]):
             progress.update(best_score=metrics[args.select_by], best_step=progress["step"], stale_evals=0)
             save_adapter(model, folder.adapter_best, base_model_name_or_path=str(base.model_path))
@@ -273,8 +277,9 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
                       "tokens_per_s": round(tokens_per_s, 1), "epoch": stream.epoch}
             if scaler.enabled:
                 record.update(loss_scale=scaler.scale, skipped=finite is None)
-            append_jsonl(folder.metrics, {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                          for k, v in record.items()})
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            append_jsonl(folder.metrics, record)
+            log.step(record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             if progress["step"] % args.eval_every == 0 or progress["step"] == last_step:
@@ -301,11 +306,13 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
     save_adapter(model, folder.adapter, base_model_name_or_path=str(base.model_path))
     save_decision(folder.path, fit_decision(last_scores["val"], val_labels))  # for adapter/, which infer uses
     plot_run(folder.metrics, folder.plot)
+    peak_memory = peak_memory_gb(device)
+    log.scalars("memory", peak_memory, progress["step"])
     summary = {"flags": vars(args), "model": str(base.model_path), "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "steps": progress["step"], "train_rows": len(train_table), "val_rows": len(val_table),
                "truncated_rows": train_table.n_truncated + val_table.n_truncated,
-               "wall_s": round(progress["wall_s"], 1), **peak_memory_gb(device), "final": metrics,
+               "wall_s": round(progress["wall_s"], 1), **peak_memory, "final": metrics,
                "best_val": {"metric": args.select_by, "value": progress["best_score"], "step": progress["best_step"]},
                "stopped_early": stopped_early, "stopped_at_step": progress["step"] if stopped_early else None,
                "skipped_steps": scaler.skipped}

@@ -1,7 +1,8 @@
 """A run folder: created once, written by one process at a time, its config.json a manifest of the run.
 
 Layout: config.json (flags and manifest), metrics.jsonl, checkpoint/ (for --resume), adapter/, adapter_best/,
-summary.json, training.png. Every file and folder is replaced atomically (common.files)."""
+summary.json, training.png, tensorboard/. Every file and folder but the appended logs (metrics.jsonl, tensorboard/)
+is replaced atomically (common.files)."""
 import fcntl
 import hashlib
 import json
@@ -31,7 +32,7 @@ class RunFolder:
         self.path, self.created, self.new = path, created, new  # created: the folder did not exist before
         self.config, self.metrics, self.summary = path / CONFIG, path / "metrics.jsonl", path / "summary.json"
         self.checkpoint, self.adapter, self.adapter_best = path / "checkpoint", path / "adapter", path / "adapter_best"
-        self.plot = path / "training.png"
+        self.plot, self.tensorboard = path / "training.png", path / "tensorboard"
         self._lock = _lock(path)
 
     @classmethod
