@@ -179,13 +179,14 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
                     help="what the threshold fitted by --fit maximizes (default accuracy)")
     add_scoring_flags(ev)
 
-    ex = commands.add_parser("export", help="merge a run's adapter into its base: a Hugging Face model folder")
+    ex = commands.add_parser("export", help="merge a run's adapter into its base: a Hugging Face folder or a GGUF file")
     ex.add_argument("--run", help="run folder (default: the newest under runs/)")
     ex.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
     ex.add_argument("--best", action="store_true", help="export the run's best validation adapter")
-    ex.add_argument("--format", choices=("hf", "hf-classifier"), default="hf",
+    ex.add_argument("--format", choices=("hf", "hf-classifier", "gguf"), default="hf",
                     help="hf: LlamaForCausalLM plus judge.json for `infer --model DIR`; hf-classifier: "
-                         "LlamaForSequenceClassification with the (False, True) label rows as its head (default hf)")
+                         "LlamaForSequenceClassification with the (False, True) label rows as its head; gguf: one "
+                         "llama.cpp file DIR/model.gguf plus judge.json, for a base with a GGUF tokenizer (default hf)")
     ex.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights' dtype (default bf16)")
     ex.add_argument("--model", help="base model folder, when it moved since training")
 

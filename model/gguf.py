@@ -1,16 +1,20 @@
 """A llama.cpp GGUF file of a Llama-architecture model → a Hugging Face-layout folder that `load_llama` and
-`load_tokenizer` read: `config.json`, `model.safetensors` (dequantized to float32), `tokenizer_bpe.json`."""
+`load_tokenizer` read: `config.json`, `model.safetensors` (dequantized to float32), `tokenizer_bpe.json`; and back:
+`write_gguf` writes such a model (merged weights, config, byte-level BPE tokenizer) as one llama.cpp GGUF file."""
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
 from common.errors import UserError
 from common.files import atomic_folder
+from model.config import LlamaConfig
 from model.tokenizer import BPE_FILE, BPE_FORMAT, BYTE_LEVEL_SPLITS, check_runs_on_tiktoken, load_tokenizer
 
 BLOCK_TENSORS = {  # llama.cpp name inside blk.N -> Hugging Face name inside model.layers.N
@@ -164,3 +168,75 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         (tmp / BPE_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
         load_tokenizer(tmp)  # what was written must read back
     return out_dir
+
+
+GGUF_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+              torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
+HF_TO_GGUF = {hf: name for name, hf in MODEL_TENSORS.items()} | {
+    f"model.layers.N.{hf}": name for name, hf in BLOCK_TENSORS.items()}
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name in HF_TO_GGUF:
+        return HF_TO_GGUF[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    name = match and HF_TO_GGUF.get(f"model.layers.N.{match[2]}")
+    if name is None:
+        raise UserError(f"tensor {hf_name} has no GGUF Llama counterpart")
+    return f"blk.{match[1]}.{name}.{match[3]}"
+
+
+def _halves_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k permutation, the inverse of `_interleaved_to_halves`."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def write_gguf(path: Path, raw_config: dict, tokenizer: dict, tensors: Iterable[tuple[str, torch.Tensor]],
+               dtype: torch.dtype) -> None:
+    """Writes Hugging Face-named Llama tensors, its config.json and a `tokenizer_bpe.json` spec as one GGUF file.
+    Matrices are stored in `dtype`, 1-D tensors (norms, biases) in float32 as llama.cpp does."""
+    config = LlamaConfig.from_dict(raw_config, str(path))
+    if config.rope_scaling is not None:
+        raise UserError(f"{path}: RoPE scaling ({config.rope_scaling.get('rope_type')}) is not supported "
+                        f"in GGUF export")
+    writer = gguf.GGUFWriter(path, "llama", use_temp_file=True)  # tensors spill to a temp file, not memory
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(GGUF_TYPES[dtype])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer["pre"])
+    writer.add_token_list(tokenizer["tokens"])
+    writer.add_token_types(tokenizer["token_types"])
+    writer.add_token_merges(tokenizer["merges"])
+    writer.add_bos_token_id(tokenizer["bos_id"])
+    writer.add_eos_token_id(tokenizer["eos_id"])
+    writer.add_pad_token_id(tokenizer["pad_id"])
+    writer.add_add_bos_token(tokenizer["add_bos"])
+    for name, tensor in tensors:
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if ".q_proj." in name:
+            tensor = _halves_to_interleaved(tensor, config.num_attention_heads)
+        elif ".k_proj." in name:
+            tensor = _halves_to_interleaved(tensor, config.num_key_value_heads)
+        tensor = tensor.to(dtype if tensor.dim() > 1 else torch.float32).contiguous()
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its raw bits, typed for the writer
+            writer.add_tensor(_gguf_name(name), tensor.view(torch.int16).numpy(),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(_gguf_name(name), tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,5 +1,7 @@
 """`run.py export`: the merged Hugging Face folders load in transformers and judge as the run does; `infer --model`
-scores an export like `infer --run` (issue 18)."""
+scores an export like `infer --run`; the GGUF export converts back to the hf export's model (issue 18)."""
+import json
+import shutil
 from argparse import Namespace
 from pathlib import Path
 
@@ -10,8 +12,11 @@ import torch
 
 import run
 import train.loop
-from conftest import train_args
+from conftest import make_hf_checkpoint, train_args
 from data import read_table, tokenize_table
+from model import load_llama
+from model.gguf import convert_gguf
+from model.tokenizer import BPE_FILE, load_tokenizer
 from train.infer import open_run, score_table
 from train.setup import resolve_base
 
@@ -101,3 +106,40 @@ def test_export_never_writes_over_a_folder_or_into_the_run(exported, tmp_path, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not (exported["run"] / "merged").exists()
+
+
+@pytest.fixture(scope="module")
+def gguf_exported(smollm2_dir, tables, tmp_path_factory) -> Path:
+    """A tiny run on a random base with SmolLM2's GGUF tokenizer, exported as hf and as gguf in fp32."""
+    work = tmp_path_factory.mktemp("export_gguf")
+    base = make_hf_checkpoint(work / "base", vocab_size=49152, rope_scaling=None, max_shard_size="4MB")
+    shutil.copy(smollm2_dir / BPE_FILE, base / BPE_FILE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLAMA_JUDGE_CACHE", str(work / "cache"))
+        run_dir = train.loop.train(train_args(base, tables[0], work / "run"))
+        for fmt in ("hf", "gguf"):
+            assert run.main(["export", "--run", str(run_dir), "--out", str(work / fmt), "--format", fmt,
+                             "--dtype", "fp32"]) == 0
+    return work
+
+
+def test_gguf_export_converts_back_to_the_hf_export(gguf_exported):
+    assert sorted(p.name for p in (gguf_exported / "gguf").iterdir()) == ["judge.json", "model.gguf"]
+    assert (json.loads((gguf_exported / "gguf" / "judge.json").read_text())
+            == json.loads((gguf_exported / "hf" / "judge.json").read_text()))
+    back = convert_gguf(gguf_exported / "gguf" / "model.gguf", gguf_exported / "back")
+    hf_model, back_model = (load_llama(path, dtype=torch.float32) for path in (gguf_exported / "hf", back))
+    prompts = ["Question: 2 + 3 = ?\nAnswer: 5\nCorrect:", "Solve for x: 2x + 7 = 19, so x = 6. Correct:"]
+    assert load_tokenizer(back).encode_batch(prompts) == load_tokenizer(gguf_exported / "hf").encode_batch(prompts)
+    for ids in load_tokenizer(back).encode_batch(prompts):
+        with torch.no_grad():
+            expected, actual = (model(torch.tensor([ids])) for model in (hf_model, back_model))
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_gguf_export_refuses_a_tiktoken_base(exported, tmp_path, capsys):
+    capsys.readouterr()
+    assert run.main(["export", "--run", str(exported["run"]), "--out", str(tmp_path / "g"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GGUF export needs a GGUF byte-level BPE tokenizer" in err, err
+    assert not (tmp_path / "g").exists()
