@@ -203,6 +203,12 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     return parser
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """The `train` subcommand's parser (its flags for --config files and sweeps)."""
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["train"]
+
+
 def config_file_flags(path: Path) -> list[str]:
     """A --config file as train flags: TOML keys, or the "flags" of a run's config.json (less where it ran)."""
     try:
@@ -215,8 +221,7 @@ def config_file_flags(path: Path) -> list[str]:
         raise UserError(f"--config {path}: {err.strerror}") from None
     except (ValueError, KeyError, TypeError) as err:  # a bad TOML or JSON file, or JSON that is not a run's config
         raise UserError(f"--config {path}: not a TOML file or a run's config.json ({err})") from None
-    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    actions = {a.dest: a for a in train_parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    actions = {a.dest: a for a in train_parser()._actions if a.option_strings and a.dest not in ("help", "config")}
     unknown = [k for k in values if k.replace("-", "_") not in actions]
     if unknown:
         raise UserError(f"--config {path}: unknown train flag(s) {', '.join(unknown)} (see `python run.py train --help`)")
@@ -273,7 +278,7 @@ def main(argv: list[str]) -> int:
             export(args)
         elif args.command == "sweep":
             from train.sweep import sweep
-            sweep(args, build_parser())
+            sweep(args, train_parser())
         else:
             from train.evaluate import evaluate
             evaluate(args)

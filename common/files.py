@@ -58,6 +58,13 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def unwritable_ancestor(path: Path) -> Path | None:
+    """None where `path` can be written or created: its nearest existing ancestor (itself included) is a folder this
+    process may write in. Otherwise that ancestor, for the error message."""
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    return None if nearest.is_dir() and os.access(nearest, os.W_OK) else nearest
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Calls write(file) on a temporary file beside `path`, flushed to disk, then renames it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

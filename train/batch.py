@@ -43,12 +43,16 @@ def padded_rows(table: Tokenized, rows: np.ndarray, pad_id: int, pad_to_multiple
     return right_padded(*collate(table, rows, pad_id, pad_to_multiple))
 
 
+def line_rows(table: Tokenized, positions: np.ndarray, pad_id: int, budget: int, max_seqlen: int) -> Rows:
+    """The rows at `positions` packed into one line of `budget` tokens."""
+    line = collate_line(table, positions, pad_id, budget, max_seqlen)
+    packing = Packing(line.cu_seqlens, line.doc, line.positions, line.max_seqlen)
+    return Rows(line.tokens, line.last, line.labels, len(positions), line.weights, packing)
+
+
 def packed_rows(table: Tokenized, rows: np.ndarray, pad_id: int, budget: int,
                 max_seqlen: int) -> list[tuple[np.ndarray, Rows]]:
     """`rows` packed into as few lines of `budget` tokens as first-fit decreasing finds, all of one shape: the row
     positions of each line, in the line's order, and its Rows."""
-    def line_rows(line_positions: np.ndarray) -> Rows:
-        line = collate_line(table, line_positions, pad_id, budget, max_seqlen)
-        packing = Packing(line.cu_seqlens, line.doc, line.positions, line.max_seqlen)
-        return Rows(line.tokens, line.last, line.labels, len(line_positions), line.weights, packing)
-    return [(positions, line_rows(positions)) for positions in pack_lines(table.lengths, rows, budget)]
+    return [(positions, line_rows(table, positions, pad_id, budget, max_seqlen))
+            for positions in pack_lines(table.lengths, rows, budget)]

@@ -2,7 +2,6 @@
 calibrated, overall, per value of a column (--by) and as a best-of-N picker (--group-col). Writes
 RUN/eval/<table stem>/: eval.json, reliability.png, roc.png, summary.md; --fit also fits and saves
 RUN/decision.json on this table."""
-import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.errors import UserError
-from common.files import atomic_folder, write_json
+from common.files import atomic_folder, unwritable_ancestor, write_json
 from data import read_table, table_labels
 from train.calibrate import DECISION, apply_temperature, decision_in_use, fit_decision, save_decision
 from train.infer import TrainedRun, open_run, score_table
@@ -78,9 +77,8 @@ def eval_folder(run_dir: Path, data_path: Path) -> Path:
     out_dir = run_dir / "eval" / data_path.stem
     if data_path.resolve().is_relative_to(out_dir.resolve()):
         raise UserError(f"--data {data_path}: lies in {out_dir}, which eval replaces; move the table first")
-    parent = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--run {run_dir}: cannot write {out_dir} (in {parent})")
+    if blocked := unwritable_ancestor(out_dir):
+        raise UserError(f"--run {run_dir}: cannot write {out_dir} (in {blocked})")
     return out_dir
 
 

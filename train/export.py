@@ -3,7 +3,6 @@ transformers loads: LlamaForCausalLM plus judge.json (`infer --model` scores it)
 whose two-row head is the LM head's (False, True) label rows; or as one llama.cpp GGUF file plus judge.json.
 Written shard by shard: memory stays about one shard."""
 import json
-import os
 import shutil
 from argparse import Namespace
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.errors import UserError
-from common.files import atomic_folder, read_json
+from common.files import atomic_folder, read_json, unwritable_ancestor
 from lora.merge import adapter_updates, merged_weight
 from model.checkpoint import INDEX_FILE, read_tensors, shard_files
 from model.gguf import write_gguf
@@ -35,9 +34,8 @@ def check_out(out: Path, inputs: list[Path]) -> None:
     for folder in inputs:
         if out.resolve().is_relative_to(folder.resolve()):
             raise UserError(f"--out {out}: would write into {folder}, which is not for outputs")
-    parent = next(p for p in out.parents if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: cannot write in {parent}")
+    if blocked := unwritable_ancestor(out.parent):
+        raise UserError(f"--out {out}: cannot write in {blocked}")
 
 
 def merged_shards(model_path: Path, adapter: Path) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import atomic_write, read_json, write_json
+from common.files import atomic_write, read_json, unwritable_ancestor, write_json
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
@@ -20,7 +20,7 @@ from train.loop import DEFAULT_DATA_DIR, default_packing
 from train.metrics import binary_metrics
 from train.fastpath import FastPath
 from train.predict import attention_without_cudnn, default_batch_tokens, predict_p_true
-from train.runfolder import CONFIG
+from train.runfolder import CONFIG, read_run_config
 from train.setup import pick_device, resolve_base
 
 JUDGE = "judge.json"  # what `run.py export` writes beside merged weights for `infer --model`
@@ -55,9 +55,8 @@ def check_outputs(outputs: list[Path], inputs: list[Path], folders: list[Path] =
             raise UserError(f"--out {outputs[0]}: {path} is a folder")
         if path.exists() and not os.access(path, os.W_OK):
             raise UserError(f"--out {outputs[0]}: {path} is not writable")
-    parent = next(p for p in (outputs[0].parent, *outputs[0].parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {outputs[0]}: cannot write in {parent}")
+    if blocked := unwritable_ancestor(outputs[0].parent):
+        raise UserError(f"--out {outputs[0]}: cannot write in {blocked}")
 
 
 @dataclass
@@ -97,9 +96,7 @@ def open_run(args: Namespace) -> TrainedRun:
     unfinished = f"--run {run_dir}: not a finished run (needs {CONFIG} and {adapter_dir.name}/)"
     if not adapter_dir.is_dir():
         raise UserError(unfinished)
-    config = read_json(run_dir / CONFIG, unfinished)
-    if not isinstance(config.get("flags"), dict):
-        raise UserError(f"{run_dir / CONFIG}: not a run's config (no 'flags' object)")
+    config = read_run_config(run_dir / CONFIG, unfinished)
     flags = Namespace(**config["flags"])
     return TrainedRun(run_dir, adapter_dir, config, get_template(flags.template), args.model or flags.model,
                       *_scoring(args, flags.max_len))

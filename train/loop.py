@@ -140,7 +140,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
     if folder is None:
         folder = RunFolder.create(Path(args.out))
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        config = {"manifest": manifest(data_path, str(device), gpu, base.precision, base.quantization), "resumes": []}
+        config = {"manifest": manifest(data_sha256, str(device), gpu, base.precision, base.quantization), "resumes": []}
         write_config(folder, vars(args), config["manifest"], config["resumes"])
     else:
         saved = saved_progress(folder.checkpoint)

@@ -1,13 +1,12 @@
 """Training curves of a run folder's metrics.jsonl as one PNG."""
 import json
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.errors import UserError
-from common.files import read_json_lines
+from common.files import atomic_write, read_json_lines
 
 
 def read_metrics(metrics_jsonl: Path) -> tuple[dict[int, dict], dict[str, dict[int, dict]]]:
@@ -57,10 +56,4 @@ def plot_run(metrics_jsonl: Path, out_png: Path) -> None:
         if not ax.lines:
             ax.text(0.5, 0.5, "no records yet", transform=ax.transAxes, ha="center", va="center", color="gray")
 
-    out_png = Path(out_png)
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=120))

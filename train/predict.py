@@ -1,13 +1,14 @@
 """Scoring a tokenized table: one forward pass per token-budget batch, no generation."""
 import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data import Tokenized, budget_batches, padded_length
-from train.batch import Rows, packed_rows, padded_rows
+from data import Tokenized, budget_batches, pack_lines, padded_length
+from train.batch import Rows, line_rows, padded_rows
 from train.objective import label_logits
 
 
@@ -35,15 +36,15 @@ def default_batch_tokens(device: torch.device) -> int:
 
 
 def scoring_batches(table: Tokenized, pad_id: int, max_batch_tokens: int, pack: bool, max_seqlen: int | None = None,
-                    pad_to_multiple: int = 1) -> list[tuple[np.ndarray, Rows]]:
-    """(row positions, rows) of every scoring batch: lines of `max_batch_tokens` packed rows (rows no longer than
-    `max_seqlen`), or right-padded batches of at most that many tokens, longest rows first."""
-    rows = np.arange(len(table))
+                    pad_to_multiple: int = 1) -> Iterator[tuple[np.ndarray, Rows]]:
+    """(row positions, rows) of every scoring batch, collated as they are needed: lines of `max_batch_tokens` packed
+    rows (rows no longer than `max_seqlen`), or right-padded batches of at most that many tokens, longest first."""
     if pack:
-        return packed_rows(table, rows, pad_id, max_batch_tokens, max_seqlen or max_batch_tokens)
-    padded = padded_length(table.lengths, pad_to_multiple)
-    return [(indices, padded_rows(table, indices, pad_id, pad_to_multiple))
-            for indices in budget_batches(padded, max_batch_tokens)]
+        for positions in pack_lines(table.lengths, np.arange(len(table)), max_batch_tokens):
+            yield positions, line_rows(table, positions, pad_id, max_batch_tokens, max_seqlen or max_batch_tokens)
+    else:
+        for indices in budget_batches(padded_length(table.lengths, pad_to_multiple), max_batch_tokens):
+            yield indices, padded_rows(table, indices, pad_id, pad_to_multiple)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from common.errors import UserError
-from common.files import read_json, write_json
+from common.files import read_json, unwritable_ancestor, write_json
 from train.checkpoint import has_checkpoint
 
 CONFIG = "config.json"
@@ -68,11 +68,7 @@ class RunFolder:
         return folder
 
     def read_config(self) -> dict:
-        config = read_json(self.config, f"--resume {self.path}: no run there ({CONFIG} missing)")
-        for key in ("flags", "manifest"):
-            if not isinstance(config.get(key), dict):
-                raise UserError(f"{self.config}: not a run's config (no {key!r} object)")
-        return config
+        return read_run_config(self.config, f"--resume {self.path}: no run there ({CONFIG} missing)")
 
     def has_checkpoint(self) -> bool:
         return has_checkpoint(self.checkpoint)
@@ -97,6 +93,15 @@ class RunFolder:
             self._lock = None
 
 
+def read_run_config(file: Path, missing: str) -> dict:
+    """A run's config.json, with its 'flags' and 'manifest' objects; a missing file raises `missing`."""
+    config = read_json(file, missing)
+    for key in ("flags", "manifest"):
+        if not isinstance(config.get(key), dict):
+            raise UserError(f"{file}: not a run's config (no {key!r} object)")
+    return config
+
+
 def check_new_run_path(out: Path) -> None:
     """A new run may only go where nothing would be overwritten: a path that does not exist or an empty folder."""
     if (out / CONFIG).is_file():
@@ -111,9 +116,8 @@ def check_new_run_path(out: Path) -> None:
         raise UserError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise UserError(f"--out {out}: the folder is not empty and holds no run; choose a new or empty folder")
-    parent = next(p for p in (out, *out.parents) if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: {parent} is not writable")
+    if blocked := unwritable_ancestor(out):
+        raise UserError(f"--out {out}: {blocked} is not writable")
 
 
 def _lock(path: Path) -> int:
@@ -153,11 +157,11 @@ def _version(package: str) -> str | None:
         return None
 
 
-def manifest(data_path: Path, device: str, gpu: str | None, precision: str, quantization: str) -> dict:
+def manifest(data_sha256: str, device: str, gpu: str | None, precision: str, quantization: str) -> dict:
     """What, besides the flags, decides what a run computes: code, packages, data, hardware, numerics."""
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "cwd": os.getcwd(),
             "git_commit": _git_commit(), "python": platform.python_version(),
-            "packages": {p: _version(p) for p in PACKAGES}, "data_sha256": file_sha256(data_path),
+            "packages": {p: _version(p) for p in PACKAGES}, "data_sha256": data_sha256,
             "device": device, "gpu": gpu, "precision": precision, "quantization": quantization}
 
 

@@ -21,11 +21,6 @@ LOWER_IS_BETTER = ("log_loss",)
 NOT_IN_GRID = ("out", "resume")  # the sweep owns each run's folder
 
 
-def train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices["train"]
-
-
 def parse_grid(text: str, train: argparse.ArgumentParser) -> dict[str, list[str]]:
     """{train flag: values} from "rank=16,64 lr=1e-4,2e-4"; a bad key or value is one UserError naming it."""
     options = {a.dest: a for a in train._actions if a.option_strings}
@@ -140,8 +135,8 @@ def plot_metric(path: Path, rows: list[dict], metric: str) -> None:
     atomic_write(path, lambda f: FigureCanvasAgg(fig).print_png(f))
 
 
-def sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
-    train = train_parser(parser)
+def sweep(args: argparse.Namespace, train: argparse.ArgumentParser) -> Path:
+    """`train` is run.py's train parser, which checks every flag before any run starts."""
     grid = parse_grid(args.grid, train)
     passed = {a.split("=")[0].lstrip("-").replace("-", "_") for a in args.train_flags if a.startswith("--")}
     clash = sorted(passed & {*grid, *NOT_IN_GRID})
