@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from common.errors import UserError
+from common.launch import launched_ranks, process_rank
 
 PRESETS = {
     # The reference report's best submission (its Table 2, submission 10).
@@ -34,7 +36,8 @@ class OneLineParser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str) -> None:
-        print(f"error: {message} (see `python run.py {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        if process_rank() == 0:  # every rank of a torchrun job reads the same command line: say it once
+            print(f"error: {message} (see `python run.py {self.prog.split()[-1]} --help`)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -192,12 +195,14 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
 
     sw = commands.add_parser(
         "sweep", help="train every combination of a grid of train flags and compare them",
-        description="Runs `run.py train` once per combination of --grid, one after another in child processes (one "
-                    "run per GPU in parallel is not supported), each in DIR/<name>; flags not named here are passed to "
-                    "every run. Running the same command again skips finished runs and resumes interrupted ones. "
-                    "Writes sweep.md, sweep.csv and sweep.png.")
+        description="Runs `run.py train` once per combination of --grid in child processes, each in DIR/<name>: one "
+                    "per GPU at a time where there are several (each run's output in DIR/<name>.log), else one after "
+                    "another; flags not named here are passed to every run. Running the same command again skips "
+                    "finished runs and resumes interrupted ones. Writes sweep.md, sweep.csv and sweep.png.")
     sw.add_argument("--grid", required=True, help='train flags and their values, e.g. "rank=16,64 lr=1e-4,2e-4"')
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default: sweeps/<date-time>)")
+    sw.add_argument("--gpus", type=positive(int), metavar="N",
+                    help="runs at a time, one per GPU (default: every visible GPU; one at a time without a GPU)")
     sw.add_argument("--metric", choices=SELECT_METRICS, default="auroc",
                     help="validation metric the table is sorted by (default auroc)")
     return parser
@@ -248,7 +253,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             try:
                 argv = ["train", *config_file_flags(known.config), *rest]
             except UserError as err:
-                print(f"error: {err}", file=sys.stderr)
+                say_error(err)
                 sys.exit(2)
     first = argparse.ArgumentParser(add_help=False)
     for flag in ("--preset", "--data", "--resume"):
@@ -264,9 +269,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def say_error(message: object) -> None:
+    """One line on stderr; under torchrun with several processes, naming the rank that says it."""
+    message = str(message)
+    if launched_ranks() > 1 and not message.startswith("rank "):
+        message = f"rank {process_rank()}: {message}"
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    if process_rank() != 0:  # under torchrun rank 0 alone reports progress; errors still come from every rank
+        sys.stdout = open(os.devnull, "w")
     try:
+        if launched_ranks() > 1 and args.command not in ("train", "infer"):
+            raise UserError(f"run.py {args.command} runs in one process: start it with python, not torchrun "
+                            f"(train and infer share their work across torchrun's processes)")
         if args.command == "train":
             from train.loop import train
             train(args)
@@ -283,17 +301,17 @@ def main(argv: list[str]) -> int:
             from train.evaluate import evaluate
             evaluate(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(err)
         return err.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except SafetensorError as err:  # what safetensors raises for a write that fails, e.g. on a full disk
-        print(f"error: writing a safetensors file failed: {' '.join(str(err).split())}", file=sys.stderr)
+        say_error(f"writing a safetensors file failed: {' '.join(str(err).split())}")
         return 2
     except OSError as err:  # disk full, a read-only or vanished path: the OS's words and the file
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        say_error(f"{where}{err.strerror or err}")
         return 2
     return 0
 

@@ -2,7 +2,10 @@
 its first optimizer step, the median real (unpadded) tokens/s of the steps after the first `--skip` ones (from the
 run's metrics.jsonl), the peak GPU memory and wall time (from summary.json).
 
-    python bench/bench_run.py [--skip 2] [--label NAME] -- train --model DIR --data TABLE ... --out RUN
+    python bench/bench_run.py [--skip 2] [--label NAME] [--nproc N] -- train --model DIR --data TABLE ... --out RUN
+
+With --nproc N the command runs under `torchrun --standalone --nproc-per-node N` (data-parallel, one GPU each); the
+peak GPU memory is then the largest of any rank's.
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip", type=int, default=2, help="steps left out of the median (compilation, warm-up)")
     parser.add_argument("--label", default="run.py train")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -28,7 +32,9 @@ def main() -> None:
     metrics = out / "metrics.jsonl"
 
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(REPO / "run.py"), *command])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+                "--"] if args.nproc > 1 else [sys.executable]
+    process = subprocess.Popen([*launcher, str(REPO / "run.py"), *command])
     first_step_s = None
     while process.poll() is None:
         if first_step_s is None and metrics.is_file() and metrics.stat().st_size:
@@ -41,7 +47,8 @@ def main() -> None:
     steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
     summary = json.loads((out / "summary.json").read_text())
     timed = [r["tokens_per_s"] for r in steps[args.skip:]] or [r["tokens_per_s"] for r in steps]
-    emit({"bench": "run", "label": args.label, "command": " ".join(command), "steps": len(steps),
+    emit({"bench": "run", "label": args.label, "command": " ".join(command), "processes": args.nproc,
+          "steps": len(steps),
           "median_real_tokens_per_s": round(statistics.median(timed)), "first_step_s": round(first_step_s or 0, 1),
           "wall_s": round(wall_s, 1), "peak_gpu_allocated_gb": summary["peak_gpu_allocated_gb"],
           "skipped_steps": summary.get("skipped_steps"), "final": {k: summary["final"].get(k) for k in

@@ -1,6 +1,6 @@
 """Tables → validated rows → prompts → token ids (cached) → length-bucketed, right-padded batches."""
 from data.batches import (PackedLine, budget_batches, collate, collate_line, max_rows_per_line, pack_lines,
-                          padded_length, train_batch_order)
+                          padded_length, scoring_shards, split_tokens, train_batch_order)
 from data.split import split_train_val, validation_rows
 from data.tables import read_labels, read_table, required_columns, table_labels
 from data.templates import Template, get_template, label_token_ids
@@ -21,6 +21,8 @@ __all__ = [
     "read_labels",
     "read_table",
     "required_columns",
+    "scoring_shards",
+    "split_tokens",
     "split_train_val",
     "table_labels",
     "tokenize_table",

@@ -12,28 +12,41 @@ BUCKET_BATCHES = 64  # rows are sorted by length within windows of this many ste
 MIN_ROW_TOKENS = 16  # a line holds at most budget // 16 rows, so that its per-row tensors have one size
 
 
-def train_batch_order(
-    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[np.ndarray]:
-    """This rank's batches for one epoch, the same on every call with the same (seed, epoch).
+def train_batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The batches of one epoch, the same on every call with the same (seed, epoch), whatever the number of ranks.
 
-    Rows are shuffled, sorted by length within windows of 64 steps so a batch holds rows of similar length, and
-    the steps are shuffled. A step is world_size batches, one per rank, of similar lengths; with several ranks
-    a few rows are repeated so that every rank gets as many rows (as torch's DistributedSampler does).
+    Rows are shuffled, sorted by length within windows of 64 batches so a batch holds rows of similar length, and
+    the batches are shuffled.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    order = np.resize(order, -(-len(order) // world_size) * world_size)
-    step = batch_size * world_size
-    window = step * BUCKET_BATCHES
-    steps = []
+    window = batch_size * BUCKET_BATCHES
+    batches = []
     for start in range(0, len(order), window):
         rows = order[start : start + window]
         rows = rows[np.argsort(lengths[rows], kind="stable")]
-        steps.extend(rows[i : i + step] for i in range(0, len(rows), step))
-    return [steps[i][rank::world_size] for i in rng.permutation(len(steps))]
+        batches.extend(rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def split_tokens(lengths: np.ndarray, rows: np.ndarray, parts: int) -> list[np.ndarray]:
+    """`rows` dealt into `parts` shares of near-equal token totals (longest first, each to the share with the
+    fewest tokens so far), each share in ascending position order: a data-parallel step's rows, one share a rank."""
+    rows = np.asarray(rows, dtype=np.int64)
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    totals = np.zeros(parts, dtype=np.int64)
+    for row in rows[np.argsort(-lengths[rows], kind="stable")].tolist():
+        share = int(np.argmin(totals))
+        shares[share].append(row)
+        totals[share] += lengths[row]
+    return [np.sort(np.array(share, dtype=np.int64)) for share in shares]
+
+
+def scoring_shards(lengths: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Every row position in one of `parts` shares of near-equal size and tokens (rows sorted by length, dealt in
+    turn): the rows each rank scores."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [np.sort(order[part::parts]) for part in range(parts)]
 
 
 def budget_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:

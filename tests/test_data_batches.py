@@ -1,10 +1,10 @@
-"""Batches: training order bucketed, deterministic and rank-aware; inference by token budget; collate pads."""
+"""Batches: training order bucketed and deterministic; shares for ranks; inference by token budget; collate pads."""
 import numpy as np
 import pytest
 import torch
 
 from common.errors import UserError
-from data import Tokenized, budget_batches, collate, padded_length, train_batch_order
+from data import Tokenized, budget_batches, collate, padded_length, scoring_shards, split_tokens, train_batch_order
 
 
 def ragged(lengths: list[int], labels: list[int] | None = None) -> Tokenized:
@@ -42,22 +42,24 @@ def test_order_depends_on_seed_and_epoch_only():
     assert not np.array_equal(np.concatenate(first), np.concatenate(train_batch_order(lengths, 8, seed=4, epoch=1)))
 
 
-def test_ranks_get_disjoint_equal_shares():
-    lengths = lengths_of(999)
-    shares = [train_batch_order(lengths, 8, seed=0, epoch=0, rank=r, world_size=3) for r in range(3)]
-    assert len({len(s) for s in shares}) == 1  # every rank takes the same number of steps...
-    for step in zip(*shares):
-        assert len({len(b) for b in step}) == 1  # ...each of the same size
-    rows = [set(np.concatenate(s).tolist()) for s in shares]
-    assert not rows[0] & rows[1] and not rows[0] & rows[2] and not rows[1] & rows[2]
-    assert set.union(*rows) == set(range(999))
+def test_split_tokens_deals_every_row_once_in_near_equal_token_shares():
+    lengths = lengths_of(256)
+    rows = np.random.default_rng(1).permutation(256)[:200]
+    shares = split_tokens(lengths, rows, 3)
+    assert sorted(np.concatenate(shares).tolist()) == sorted(rows.tolist())
+    totals = [int(lengths[share].sum()) for share in shares]
+    assert max(totals) - min(totals) <= lengths[rows].max()  # greedy, longest first: within one row
+    assert all(np.array_equal(share, np.sort(share)) for share in shares)
+    assert [len(s) for s in split_tokens(lengths, rows[:1], 2)] == [1, 0]  # fewer rows than ranks: an empty share
 
 
-def test_ranks_repeat_a_few_rows_to_even_out():
-    shares = [train_batch_order(lengths_of(1_001), 8, seed=0, epoch=0, rank=r, world_size=3) for r in range(3)]
-    rows = np.concatenate([np.concatenate(s) for s in shares])
-    assert len(rows) == 1_002 and set(rows.tolist()) == set(range(1_001))
-    assert len({sum(map(len, s)) for s in shares}) == 1
+def test_scoring_shards_cover_every_row_once_with_even_tokens():
+    lengths = lengths_of(1_001)
+    shards = scoring_shards(lengths, 4)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(1_001))
+    assert {len(s) for s in shards} <= {250, 251}
+    totals = [int(lengths[s].sum()) for s in shards]
+    assert max(totals) - min(totals) <= lengths.max()
 
 
 def test_budget_batches_fill_the_budget_and_cover_every_row():

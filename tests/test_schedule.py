@@ -49,6 +49,5 @@ def test_total_steps_counts_short_last_batch_and_short_last_accumulation():
     assert total_steps(n_rows=100, batch_size=10, grad_accum=1, epochs=1) == 10
     assert total_steps(n_rows=101, batch_size=10, grad_accum=1, epochs=1) == 11
     assert total_steps(n_rows=101, batch_size=10, grad_accum=4, epochs=3) == 9
-    assert total_steps(n_rows=101, batch_size=10, grad_accum=4, epochs=3, world_size=2) == 6
     with pytest.raises(ValueError):
         total_steps(n_rows=0, batch_size=10, grad_accum=1, epochs=1)

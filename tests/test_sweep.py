@@ -1,6 +1,8 @@
-"""`run.py sweep`: a grid of train flags run one by one, failures as rows, resumable (issue 17, item 3)."""
+"""`run.py sweep`: a grid of train flags run one by one or one per GPU, failures as rows, resumable (issue 17, item 3)."""
 import csv
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -72,11 +74,38 @@ def test_an_interrupted_run_is_resumed(tmp_path, monkeypatch, capsys):
     checkpoint.mkdir(parents=True)
     (checkpoint / "progress.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(train.sweep, "run_child", lambda argv, out: calls.append(argv) or "it broke")
+    monkeypatch.setattr(train.sweep, "run_child", lambda argv, gpu=None, log=None: calls.append(argv) or "it broke")
     assert run.main(["sweep", "--grid", "rank=4,8", "--out", str(tmp_path / "sweep"), "--max-steps", "3"]) == 0
     assert calls == [["--resume", str(tmp_path / "sweep" / "rank4")],
                      ["--max-steps", "3", "--rank", "8", "--out", str(tmp_path / "sweep" / "rank8")]]
     assert [r["error"] for r in csv.DictReader((tmp_path / "sweep" / "sweep.csv").open())] == ["it broke"] * 2
+
+
+def test_several_gpus_run_one_run_each_at_a_time(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    busy, seen, lock = set(), [], threading.Lock()
+
+    def fake_run(argv, gpu=None, log=None):
+        with lock:
+            assert gpu not in busy  # never two runs on one GPU
+            busy.add(gpu)
+            seen.append((gpu, log and log.name))
+        time.sleep(0.05)
+        with lock:
+            busy.remove(gpu)
+        return "it broke"
+
+    monkeypatch.setattr(train.sweep, "run_child", fake_run)
+    assert run.main(["sweep", "--grid", "rank=4,8 alpha=8,16", "--out", str(tmp_path / "s"), "--max-steps", "3"]) == 0
+    assert {gpu for gpu, _ in seen} == {"3", "5"} and len(seen) == 4
+    assert sorted(log for _, log in seen) == sorted(f"{name}.log" for name in
+                                                     ("rank4_alpha8", "rank4_alpha16", "rank8_alpha8", "rank8_alpha16"))
+    assert "one per GPU on GPUs 3,5" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "s" / "sweep.csv").open()))
+    assert len(rows) == 4 and {r["error"] for r in rows} == {"it broke"}
+    seen.clear()
+    assert run.main(["sweep", "--grid", "rank=4,8", "--out", str(tmp_path / "t"), "--gpus", "1"]) == 0
+    assert seen == [(None, None), (None, None)]  # one at a time, output passed through, the GPU left as it is
 
 
 @pytest.mark.parametrize("grid, extra, message", [

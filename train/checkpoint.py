@@ -36,7 +36,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
             tensors[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].cpu().contiguous()
             steps[name] = int(state["step"])
     tensors["rng.cpu"] = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    # the current GPU's alone: asking for every GPU's would start a CUDA context on each, from every rank
+    cuda_states = [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []
     tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(cuda_states)})
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     record = {"progress": progress, "optimizer_steps": steps, "param_groups": groups, "cuda_devices": len(cuda_states)}
@@ -92,5 +93,5 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
                               "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device, torch.float32)}
     torch.set_rng_state(tensors["rng.cpu"])
     if record["cuda_devices"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(record["cuda_devices"])])
+        torch.cuda.set_rng_state(tensors["rng.cuda.0"])  # the current GPU's
     return record["progress"]

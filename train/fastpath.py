@@ -49,7 +49,7 @@ class FastPath:
     def run(self, fn: Callable[[], T], reset: Callable[[], None] = lambda: None) -> T:
         if not self.compiled and self.graphs is None:
             return fn()
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         try:
             return fn()
         except torch.cuda.OutOfMemoryError:
@@ -66,6 +66,6 @@ class FastPath:
             self.graphs = None
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
+            torch.cuda.set_rng_state(rng[1])
         reset()
         return self.run(fn, reset)

@@ -12,10 +12,11 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import atomic_write, read_json, unwritable_ancestor, write_json
-from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
+from data import Template, get_template, read_labels, read_table, scoring_shards, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
 from train.calibrate import DECISION, apply_temperature, decision_in_use
+from train.distributed import World, joined_world
 from train.loop import DEFAULT_DATA_DIR, default_packing
 from train.metrics import binary_metrics
 from train.fastpath import FastPath
@@ -125,27 +126,31 @@ def open_export(args: Namespace) -> TrainedRun:
                       *_scoring(args, judge["max_len"]), decision_file=JUDGE)
 
 
-def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
-    """P(True) for every row of `df` (from read_table, with the run's template) by the run's adapter, in order."""
+def score_table(run: TrainedRun, df: pd.DataFrame, world: World = World()) -> np.ndarray:
+    """P(True) for every row of `df` (from read_table, with the run's template) by the run's adapter, in order.
+    Under torchrun each rank scores its share of the rows, and every rank gets all the scores."""
     base = resolve_base(run.model, run.config["flags"]["quant"], run.template, run.device,
                         run.config["flags"].get("precision") if run.device.type == "cuda" else None)
     trained = run.config.get("manifest", {})
     trained_on = trained.get("device", "").split(":")[0]
-    if trained_on not in ("", run.device.type) or trained.get("precision") != base.precision:
+    if world.main and (trained_on not in ("", run.device.type) or trained.get("precision") != base.precision):
         print(f"note: the run trained on {trained.get('device')} ({trained.get('precision')}); "
               f"scoring on {run.device} ({base.precision}), same {base.quantization} base")
     table = tokenize_table(df, base.tokenizer, run.template, run.max_len, cache_dir=cache_dir() / "tokens")
+    shards = scoring_shards(table.lengths, world.size)
+    table = table.subset(shards[world.rank])
     model = base.load_model()
     if run.adapter is not None:
         load_adapter(model, run.adapter)
     fast = FastPath(model, run.device, compile=not run.eager and run.device.type == "cuda")
     # unpacked, every batch has a shape of its own, for which cuDNN attention would first build a plan
-    with (tqdm(total=len(table), desc="score", unit="row", dynamic_ncols=True) as bar,
+    with (tqdm(total=len(table), desc="score", unit="row", dynamic_ncols=True, disable=not world.main) as bar,
           contextlib.nullcontext() if run.pack else attention_without_cudnn(run.device)):
         p_true = fast.run(lambda: predict_p_true(model, table, base.label_ids, base.tokenizer.pad_id, run.batch_tokens,
                                                  run.device, progress=bar, pack=run.pack, max_seqlen=run.max_len,
                                                  dtype=base.numerics.compute_dtype),
                           reset=bar.reset)
+    p_true = world.gather(p_true, shards, len(df))
     if not np.isfinite(p_true).all():
         raise UserError(f"{np.count_nonzero(~np.isfinite(p_true))} rows of {df.attrs['source']} got a non-finite "
                         f"P(True); the weights in {run.adapter or run.model} are broken")
@@ -153,6 +158,13 @@ def score_table(run: TrainedRun, df: pd.DataFrame) -> np.ndarray:
 
 
 def infer(args: Namespace) -> Path:
+    """Writes the submission (and P(True), and metrics where labels exist); under torchrun the ranks share the
+    scoring and rank 0 alone writes."""
+    with joined_world(pick_device()) as world:
+        return _infer(args, world)
+
+
+def _infer(args: Namespace, world: World) -> Path:
     run = open_run(args)
     if args.data:
         data_path, labels_path = Path(args.data), Path(args.labels) if args.labels else None
@@ -164,9 +176,12 @@ def infer(args: Namespace) -> Path:
 
     df = read_table(data_path, split="test", template=run.template)
     labels = read_labels(labels_path, df["ID"]) if labels_path else table_labels(df)
-    print(f"decision: {used}")
-    p_true = apply_temperature(score_table(run, df), decision["temperature"])
+    if world.main:
+        print(f"decision: {used}")
+    p_true = apply_temperature(score_table(run, df, world), decision["temperature"])
     predicted = p_true >= decision["threshold"]
+    if not world.main:
+        return Path(args.out)
 
     out, p_true_out, metrics_out = outputs
     write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": predicted}), out)

@@ -14,12 +14,14 @@ from tqdm import tqdm
 
 from common.errors import Interrupted, UserError
 from common.files import append_jsonl, atomic_write, read_json_lines, write_json
-from data import Tokenized, get_template, padded_length, read_table, split_train_val, table_labels, tokenize_table
+from data import (Tokenized, get_template, padded_length, read_table, scoring_shards, split_tokens, split_train_val,
+                  table_labels, tokenize_table)
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
 from train.batch import Rows, packed_rows, padded_rows
 from train.calibrate import fit_decision, save_decision
 from train.checkpoint import load_checkpoint, save_checkpoint, saved_progress
+from train.distributed import GradientSync, World, broadcast_training_state, joined_world
 from train.fastpath import FastPath
 from train.interrupt import StopRequest, stop_requests
 from train.metrics import binary_metrics
@@ -89,60 +91,72 @@ def absolute_paths(flags: dict) -> dict:
 
 
 def train(args: Namespace) -> Path:
-    """Fine-tunes LoRA adapters for the two-class judgement; returns the run folder."""
-    if not getattr(args, "resume", None):
-        return _prepare_and_run(args, None)
-    folder = RunFolder.open(Path(args.resume))
-    try:
-        return _prepare_and_run(args, folder)
-    finally:
-        folder.release()
+    """Fine-tunes LoRA adapters for the two-class judgement; returns the run folder. Under torchrun, data-parallel
+    over its processes, rank 0 alone holding and writing the run folder."""
+    with joined_world(pick_device()) as world:
+        if not getattr(args, "resume", None):
+            return _prepare_and_run(args, None, world)
+        folder = RunFolder.open(Path(args.resume)) if world.main else None
+        try:
+            return _prepare_and_run(args, folder, world)
+        finally:
+            if folder is not None:
+                folder.release()
 
 
-def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
-    config = None
-    if folder is not None:
-        config = folder.read_config()
+def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) -> Path:
+    """`folder`: the run to resume (rank 0; None elsewhere, and for a new run)."""
+    resuming = bool(getattr(args, "resume", None))
+    config = world.broadcast_object(folder.read_config() if folder is not None else None)
+    if resuming:
         flags, changes = resumed_flags(config["flags"], vars(args))
-        flags["out"] = str(folder.path)  # the folder may have moved since
+        flags["out"] = world.broadcast_object(str(folder.path) if folder is not None else None)  # it may have moved
     else:
-        flags = absolute_paths({**vars(args), "out": args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))})
+        out = args.out or world.broadcast_object(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+        flags = absolute_paths({**vars(args), "out": out})
     args = Namespace(**flags)
 
     # Every check that needs no weights, before any are read.
     template = get_template(args.template)
-    device = pick_device()
+    device = world.device
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA GPU")
     if args.cuda_graphs and args.eager:
         raise UserError("--cuda-graphs and --eager contradict each other")
     args.packing = args.packing or default_packing(device)
+    if args.packing == "off" and args.grad_accum % world.size:  # packed, a step's rows are shared out by tokens
+        raise UserError(f"--grad-accum {args.grad_accum}: {world.size} processes cannot share its micro-batches evenly "
+                        f"with --packing off (a step is --batch-size x --grad-accum rows on any number of processes; "
+                        f"pass a multiple of {world.size}, or --packing on)")
     for flag, budget in (("--eval-batch-tokens", args.eval_batch_tokens), ("--pack-tokens", args.pack_tokens)):
         if budget is not None and budget < args.max_len:
             raise UserError(f"{flag} {budget} is below --max-len {args.max_len}: the longest row would not fit")
-    if folder is None:
+    if not resuming and world.main:
         check_new_run_path(Path(args.out))
     data_path = Path(args.data) if args.data else DEFAULT_DATA_DIR / "train.csv"
     df = read_table(data_path, split="train", template=template, skip_bad_rows=args.skip_bad_rows)
     data_sha256 = file_sha256(data_path)
-    if config is not None and config["manifest"]["data_sha256"] != data_sha256:
-        raise UserError(f"--resume {folder.path}: {data_path} changed since the run started (its SHA-256 differs); "
+    if resuming and config["manifest"]["data_sha256"] != data_sha256:
+        raise UserError(f"--resume {args.out}: {data_path} changed since the run started (its SHA-256 differs); "
                         "the split and data order would change — start a new run")
     base = resolve_base(args.model, args.quant, template, device, args.precision)
     args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)
+    if len(train_idx) < world.size:
+        raise UserError(f"{data_path}: {len(train_idx)} training rows for {world.size} processes (each needs rows)")
     table = tokenize_table(df, base.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), table_labels(df)[val_idx]
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
-    step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean())
+    step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
     args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, step_tokens, args.max_len)
 
-    if folder is None:
+    if world.main and not resuming:
         folder = RunFolder.create(Path(args.out))
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-        config = {"manifest": manifest(data_sha256, str(device), gpu, base.precision, base.quantization), "resumes": []}
+        config = {"manifest": manifest(data_sha256, str(device), gpu, base.precision, base.quantization,
+                                       world.size), "resumes": []}
         write_config(folder, vars(args), config["manifest"], config["resumes"])
-    else:
+    elif world.main:
         saved = saved_progress(folder.checkpoint)
         done = saved["step"]
         if done >= last_step and folder.adapter.is_dir():
@@ -154,28 +168,36 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None) -> Path:
                             f"(pass a larger --patience to train further)")
         # written once the checkpoint has loaded into this configuration (in _run): a refused resume changes nothing
         config["resumes"] = [*config.get("resumes", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                         "changed": changes}]
-    print(f"{data_path}: {len(train_idx)} training rows, {len(val_idx)} validation rows; run folder {folder.path}")
+                                                         "changed": changes, "processes": world.size}]
+    if world.main:
+        print(f"{data_path}: {len(train_idx)} training rows, {len(val_idx)} validation rows; run folder {folder.path}"
+              + (f"; {world.size} processes" if world.size > 1 else ""))
     with stop_requests() as stop:
         try:
-            with RunLog(folder.tensorboard) as log:  # closed before a failed new run's folder is removed
-                return _run(args, folder, config, base, train_table, val_table, val_labels, last_step, stop, log)
+            # closed before a failed new run's folder is removed
+            with RunLog(folder.tensorboard) if world.main else contextlib.nullcontext() as log:
+                return _run(args, folder, config, base, train_table, val_table, val_labels, last_step, stop, log,
+                            world)
         except KeyboardInterrupt as interrupt:
             number = getattr(signal.Signals, str(interrupt), signal.SIGINT)
-            if folder.discard_if_unsaved():
+            if folder is not None and folder.discard_if_unsaved():
                 raise Interrupted(f"interrupted before the first checkpoint; {folder.path} was removed",
                                   number) from None
-            raise Interrupted(f"stopped at once; the last checkpoint is in {folder.checkpoint} "
-                              f"(continue with `python run.py train --resume {folder.path}`)", number) from None
+            raise Interrupted(f"stopped at once; the last checkpoint is in {Path(args.out) / 'checkpoint'} "
+                              f"(continue with `python run.py train --resume {args.out}`)", number) from None
         except BaseException:
-            folder.discard_if_unsaved()
+            if folder is not None:
+                folder.discard_if_unsaved()
             raise
         finally:
-            folder.release()
+            if folder is not None:
+                folder.release()
 
 
-def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_table: Tokenized,
-         val_table: Tokenized, val_labels: np.ndarray, last_step: int, stop: StopRequest, log: RunLog) -> Path:
+def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, train_table: Tokenized,
+         val_table: Tokenized, val_labels: np.ndarray, last_step: int, stop: StopRequest, log: RunLog | None,
+         world: World) -> Path:
+    """The loop; `folder` and `log` exist on rank 0 alone, which writes everything."""
     device = base.device
     torch.manual_seed(args.seed)
     model = base.load_model()
@@ -186,6 +208,9 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
     pack = args.packing == "on"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sync = GradientSync(params, world) if world.size > 1 else None  # before the graphs, which add into its buffer
+    if world.size > 1:
+        torch.manual_seed(args.seed + world.rank)  # the ranks' LoRA weights start equal; their dropout masks differ
     on_gpu_fast = device.type == "cuda" and not args.eager
     dtype = base.numerics.compute_dtype
     fast = FastPath(model, device, compile=not args.eager and (args.compile or args.cuda_graphs or on_gpu_fast),
@@ -194,53 +219,84 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
     scaler = base.numerics.scaler()
     pad_to = COMPILED_PAD if fast.compiled and not pack else 1
 
+    def zero_grad() -> None:
+        if sync is not None:
+            sync.zero_grad()
+        elif fast.graphs is not None:
+            fast.graphs.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
     def step_rows(batches: list[np.ndarray]) -> list[Rows]:
-        """A step's micro-batches: its rows packed into lines, or one right-padded batch per bucketed batch."""
+        """This rank's micro-batches of a step: its share of the step's rows packed into lines (shares of equal
+        tokens), or its share of the right-padded bucketed batches."""
         if pack:
-            return [rows for _, rows in packed_rows(train_table, np.concatenate(batches), base.tokenizer.pad_id,
-                                                    args.pack_tokens, args.max_len)]
-        return [padded_rows(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in batches]
+            rows = split_tokens(train_table.lengths, np.concatenate(batches), world.size)[world.rank]
+            return [line for _, line in packed_rows(train_table, rows, base.tokenizer.pad_id, args.pack_tokens,
+                                                    args.max_len)]
+        return [padded_rows(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in batches[world.rank::world.size]]
 
     progress = {"step": 0, "epoch": 0, "index": 0, "best_score": None, "best_step": None, "stale_evals": 0,
                 "wall_s": 0.0}
-    if folder.has_checkpoint():
-        progress = load_checkpoint(folder.checkpoint, model, optimizer)
+    if world.broadcast_object(folder.has_checkpoint() if folder is not None else None):
+        if folder is not None:
+            progress = load_checkpoint(folder.checkpoint, model, optimizer)
+        progress = world.broadcast_object(progress)
         if "loss_scaler" in progress:
             scaler.load_state_dict(progress["loss_scaler"])
-        write_config(folder, vars(args), config["manifest"], config["resumes"])
-        trim_metrics(folder.metrics, progress["step"])  # steps after the checkpoint are trained again
-        log.resume_after(progress["step"])
-        print(f"resuming at step {progress['step']} of {last_step}")
+        if folder is not None:
+            write_config(folder, vars(args), config["manifest"], config["resumes"])
+            trim_metrics(folder.metrics, progress["step"])  # steps after the checkpoint are trained again
+            log.resume_after(progress["step"])
+            print(f"resuming at step {progress['step']} of {last_step}")
+            saved_on = progress.get("processes", config["manifest"].get("processes", 1))
+            if saved_on != world.size:
+                print(f"note: the checkpoint was saved by {saved_on} processes and resumes on {world.size}: the same "
+                      f"rows in the same steps, each step's rows shared {world.size} ways")
+    broadcast_training_state(world, params, optimizer)
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
+    val_shards = scoring_shards(val_table.lengths, world.size)
+    saved_step = progress["step"] if progress["step"] else None  # of the last checkpoint
 
     def attention_backends() -> contextlib.AbstractContextManager:
         # each eager batch has a shape of its own, for which cuDNN attention would first build a plan
         return contextlib.nullcontext() if fast.compiled or pack else attention_without_cudnn(device)
 
     def evaluate() -> dict:
+        """Each rank scores its share of the validation rows; every rank gets all the scores and the metrics."""
         with attention_backends():
-            p_true = fast.run(lambda: predict_p_true(
-                model, val_table, base.label_ids, base.tokenizer.pad_id,
+            shard = fast.run(lambda: predict_p_true(
+                model, val_table.subset(val_shards[world.rank]), base.label_ids, base.tokenizer.pad_id,
                 args.eval_batch_tokens or (args.pack_tokens if pack else None), device, pad_to_multiple=pad_to,
                 pack=pack, max_seqlen=args.max_len, dtype=dtype))
+        p_true = world.gather(shard, val_shards, len(val_table))
         if not np.isfinite(p_true).all():
             raise UserError(f"evaluation at step {progress['step']}: {np.count_nonzero(~np.isfinite(p_true))} "
                             f"validation rows got a non-finite P(True) (try a lower --lr)")
         last_scores["val"] = p_true
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
-        append_jsonl(folder.metrics, metrics)
-        log.evaluation(metrics, p_true)
-        if improves(args.select_by, metrics[args.select_by], progress["best_score"]):
+        better = improves(args.select_by, metrics[args.select_by], progress["best_score"])
+        if better:
             progress.update(best_score=metrics[args.select_by], best_step=progress["step"], stale_evals=0)
-            save_adapter(model, folder.adapter_best, base_model_name_or_path=str(base.model_path))
         else:
             progress["stale_evals"] += 1
+        if folder is not None:
+            append_jsonl(folder.metrics, metrics)
+            log.evaluation(metrics, p_true)
+            if better:
+                save_adapter(model, folder.adapter_best, base_model_name_or_path=str(base.model_path))
         return metrics
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        if folder is not None:
+            save_checkpoint(folder.checkpoint, model, optimizer, {**progress, "processes": world.size})
+        saved_step = progress["step"]
 
     last_scores: dict[str, np.ndarray] = {}
     model.train()
-    bar = tqdm(total=last_step, initial=progress["step"], desc="train", dynamic_ncols=True)
+    bar = tqdm(total=last_step, initial=progress["step"], desc="train", dynamic_ncols=True, disable=not world.main)
     started = time.perf_counter() - progress["wall_s"]
     metrics = {}
     stop.deferred = True  # from here a signal stops the loop at the next step boundary, with a checkpoint
@@ -257,8 +313,9 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
             with attention_backends():
                 loss, grad_norm = fast.run(
                     lambda: optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
-                                           args.max_grad_norm, fast.graphs, dtype, scaler),
-                    reset=lambda: fast.graphs.zero_grad() if fast.graphs else optimizer.zero_grad(set_to_none=True))
+                                           args.max_grad_norm, fast.graphs, dtype, scaler, sync,
+                                           step_rows=sum(len(rows) for rows in batches)),
+                    reset=zero_grad)
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if not finite and scaler.enabled and not scaler.exhausted:  # fp16: skipped, at a lower loss scale
                 finite = None
@@ -266,7 +323,7 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
                 if scaler.exhausted:
                     what += f" at every fp16 loss scale ({scaler.skipped} steps skipped; try --precision fp32)"
-                kept = (f"the last good checkpoint is in {folder.checkpoint}" if folder.has_checkpoint()
+                kept = (f"the last good checkpoint is in {Path(args.out) / 'checkpoint'}" if saved_step is not None
                         else "no checkpoint had been saved, so the run folder was removed")
                 raise UserError(f"{what} at step {step + 1}; {kept} (try a lower --lr)")
             progress.update(step=step + 1, wall_s=time.perf_counter() - started, **stream.position())
@@ -278,40 +335,46 @@ def _run(args: Namespace, folder: RunFolder, config: dict, base: Base, train_tab
             if scaler.enabled:
                 record.update(loss_scale=scaler.scale, skipped=finite is None)
             record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            append_jsonl(folder.metrics, record)
-            log.step(record)
+            if folder is not None:
+                append_jsonl(folder.metrics, record)
+                log.step(record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
+            stopping = world.any(stop.requested)  # every rank stops at the same step
             if progress["step"] % args.eval_every == 0 or progress["step"] == last_step:
                 metrics = evaluate()
                 bar.write(f"step {progress['step']}: val accuracy {metrics['accuracy']:.4f} "
                           f"auroc {metrics['auroc'] if metrics['auroc'] is None else round(metrics['auroc'], 4)}")
-                save_checkpoint(folder.checkpoint, model, optimizer, progress)
-            elif stop.requested:
-                save_checkpoint(folder.checkpoint, model, optimizer, progress)
-            if stop.requested and progress["step"] < last_step:
-                raise Interrupted(f"{stop.signal_name} at step {progress['step']}: checkpoint saved; continue with "
-                                  f"`python run.py train --resume {folder.path}`", signal.Signals[stop.signal_name])
+                checkpoint()
+            elif stopping:
+                checkpoint()
+            if stopping and progress["step"] < last_step:
+                name = stop.signal_name or "SIGTERM"  # a rank that got no signal stops with the ones that did
+                raise Interrupted(f"{name} at step {progress['step']}: checkpoint saved; continue with "
+                                  f"`python run.py train --resume {args.out}`", signal.Signals[name])
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA out of memory at step {progress['step'] + 1}: {OOM_HINT}") from None
     finally:
         bar.close()
 
     stopped_early = patience_ran_out(progress, args.patience) and progress["step"] < last_step
-    if stopped_early:
+    if stopped_early and world.main:
         bar.write(f"stopped early at step {progress['step']}: {args.patience} evaluations without a better "
                   f"{args.select_by} than {progress['best_score']} (step {progress['best_step']})")
     if "val" not in last_scores:  # resumed at its last step (or where patience ran out), before adapter/ was written
         metrics = evaluate()
+    peak_memory = peak_memory_gb(device)
+    peak_memory = {key: value if value is None else world.max(value) for key, value in peak_memory.items()}
+    if folder is None:
+        return Path(args.out)
     save_adapter(model, folder.adapter, base_model_name_or_path=str(base.model_path))
     save_decision(folder.path, fit_decision(last_scores["val"], val_labels))  # for adapter/, which infer uses
     plot_run(folder.metrics, folder.plot)
-    peak_memory = peak_memory_gb(device)
     log.scalars("memory", peak_memory, progress["step"])
     summary = {"flags": vars(args), "model": str(base.model_path), "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "steps": progress["step"], "train_rows": len(train_table), "val_rows": len(val_table),
-               "truncated_rows": train_table.n_truncated + val_table.n_truncated,
+               "processes": world.size, "steps": progress["step"], "train_rows": len(train_table),
+               "val_rows": len(val_table), "truncated_rows": train_table.n_truncated + val_table.n_truncated,
                "wall_s": round(progress["wall_s"], 1), **peak_memory, "final": metrics,
                "best_val": {"metric": args.select_by, "value": progress["best_score"], "step": progress["best_step"]},
                "stopped_early": stopped_early, "stopped_at_step": progress["step"] if stopped_early else None,

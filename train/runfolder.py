@@ -157,12 +157,15 @@ def _version(package: str) -> str | None:
         return None
 
 
-def manifest(data_sha256: str, device: str, gpu: str | None, precision: str, quantization: str) -> dict:
-    """What, besides the flags, decides what a run computes: code, packages, data, hardware, numerics."""
+def manifest(data_sha256: str, device: str, gpu: str | None, precision: str, quantization: str,
+             processes: int = 1) -> dict:
+    """What, besides the flags, decides what a run computes: code, packages, data, hardware, numerics (and how many
+    data-parallel processes it started on, which changes only the order of float sums)."""
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "cwd": os.getcwd(),
             "git_commit": _git_commit(), "python": platform.python_version(),
             "packages": {p: _version(p) for p in PACKAGES}, "data_sha256": data_sha256,
-            "device": device, "gpu": gpu, "precision": precision, "quantization": quantization}
+            "device": device, "gpu": gpu, "precision": precision, "quantization": quantization,
+            "processes": processes}
 
 
 def write_config(folder: RunFolder, flags: dict, run_manifest: dict, resumes: list[dict] = ()) -> None:

@@ -21,16 +21,16 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> flo
     return base_lr * (total_steps - step) / (total_steps - warmup_steps)
 
 
-def total_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int, world_size: int = 1) -> int:
+def total_steps(n_rows: int, batch_size: int, grad_accum: int, epochs: int) -> int:
     """Optimizer steps for `epochs` passes over `n_rows` rows.
 
-    Each rank sees ceil(n_rows / (batch_size * world_size)) micro-batches per epoch, and an epoch ends with
+    An epoch has ceil(n_rows / batch_size) micro-batches (shared among the ranks, if several), and an epoch ends with
     an optimizer step even when its last accumulation window is short, so each epoch has
     ceil(micro_batches / grad_accum) steps.
     """
     for name, value in (("n_rows", n_rows), ("batch_size", batch_size), ("grad_accum", grad_accum),
-                        ("epochs", epochs), ("world_size", world_size)):
+                        ("epochs", epochs)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    micro_batches = math.ceil(n_rows / (batch_size * world_size))
+    micro_batches = math.ceil(n_rows / batch_size)
     return math.ceil(micro_batches / grad_accum) * epochs

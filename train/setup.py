@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.launch import launched_ranks, local_rank
 from data import Template, label_token_ids
 from model import LlamaConfig, load_llama, load_tokenizer
 from model.default import default_model_path
@@ -36,7 +37,10 @@ class Base:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU if there is one (under torchrun, the one of this process's local rank), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank()) if launched_ranks() > 1 else torch.device("cuda")
 
 
 def resolve_base(model: str | None, quant: str | None, template: Template, device: torch.device,

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from train.batch import Rows
+from train.distributed import GradientSync
 from train.graphs import BackwardGraphs, MicroBackward
 from train.objective import loss_sum
 from train.precision import LossScaler
@@ -31,19 +32,26 @@ def graphed_backward(model: nn.Module, params: list[Tensor], label_ids: Tensor, 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Rows],
                    label_ids: Tensor, loss_kind: str = "classifier", max_grad_norm: float = 1.0,
                    graphs: BackwardGraphs | None = None, dtype: torch.dtype = torch.bfloat16,
-                   scaler: LossScaler | None = None) -> tuple[float, float]:
+                   scaler: LossScaler | None = None, sync: GradientSync | None = None,
+                   step_rows: int | None = None) -> tuple[float, float]:
     """Accumulates the gradient of the mean loss over all rows of `micro_batches` (under `dtype` autocast on CUDA,
     the loss multiplied by `scaler`'s scale for fp16), then unscales, clips and steps; through `graphs` when given
     (from `graphed_backward` with the same model, labels, loss and dtype).
 
+    Data-parallel: `micro_batches` are this rank's share of a step of `step_rows` rows (the mean is over all of
+    them), and `sync` sums the ranks' gradients and losses before clipping, so every rank takes the same step.
+
     Returns (loss, gradient norm before clipping). A non-finite loss or norm leaves the parameters untouched (and,
     with a scaler, lowers its scale)."""
     scaler = scaler or LossScaler.disabled()
-    n_rows = sum(rows.n_rows for rows in micro_batches)
+    n_rows = step_rows or sum(rows.n_rows for rows in micro_batches)
     backward: MicroBackward = graphs or partial(micro_backward, model, label_ids=label_ids, loss_kind=loss_kind,
                                                 dtype=dtype)
-    loss = sum(backward(rows, scaler.scaled(1 / n_rows)) for rows in micro_batches)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = params[0].device
+    loss = sum((backward(rows, scaler.scaled(1 / n_rows)) for rows in micro_batches), torch.zeros((), device=device))
+    if sync is not None:
+        loss = sync.all_reduce(loss)
     scaler.unscale_(params)
     grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
     loss, grad_norm = torch.stack([loss, grad_norm.to(loss.device)]).tolist()  # the step's one device sync
@@ -52,8 +60,10 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     if finite:
         optimizer.step()
     scaler.update(finite)
-    if graphs is None:
-        optimizer.zero_grad(set_to_none=True)
-    else:  # the graphs add into the gradients they were recorded with
+    if sync is not None:  # the gradients are views of its buffer (which the graphs, if any, add into too)
+        sync.zero_grad()
+    elif graphs is not None:  # the graphs add into the gradients they were recorded with
         graphs.zero_grad()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm

@@ -8,17 +8,16 @@ from data import train_batch_order
 class StepStream:
     """Each step takes up to `grad_accum` micro-batches of one epoch: an epoch ends with a short step rather than
     lending rows of the next, so `epochs` passes are exactly that many (train.schedule.total_steps counts them so).
-    Under data parallelism each rank streams its own disjoint share (rank, world_size)."""
+    Every rank streams the same steps: under data parallelism each takes its share of a step (train.loop)."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, grad_accum: int, seed: int, epoch: int = 0,
-                 index: int = 0, rank: int = 0, world_size: int = 1):
+                 index: int = 0):
         self.lengths, self.batch_size, self.grad_accum, self.seed = lengths, batch_size, grad_accum, seed
-        self.rank, self.world_size = rank, world_size
         self.epoch, self.index = epoch, index
         self.order = self._epoch_order()
 
     def _epoch_order(self) -> list[np.ndarray]:
-        return train_batch_order(self.lengths, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)
+        return train_batch_order(self.lengths, self.batch_size, self.seed, self.epoch)
 
     def __next__(self) -> list[np.ndarray]:
         if self.index == len(self.order):

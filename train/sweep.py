@@ -1,15 +1,19 @@
-"""`run.py sweep`: one `run.py train` per combination of a grid of train flags, in child processes one after another
-(a failing run becomes a row, not the end of the sweep), then a table of their validation metrics."""
+"""`run.py sweep`: one `run.py train` per combination of a grid of train flags, in child processes, one at a time or
+one per GPU at a time (a failing run becomes a row, not the end of the sweep), then a table of their validation
+metrics."""
 import argparse
 import csv
 import io
 import itertools
 import json
+import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.errors import Interrupted, UserError
@@ -59,21 +63,33 @@ def grid_argv(combo: dict[str, str]) -> list[str]:
     return [arg for key, value in combo.items() for arg in ("--" + key.replace("_", "-"), value)]
 
 
-def run_child(argv: list[str], out: Path) -> str | None:
-    """Runs `run.py train` with `argv`, its output passed through; None on success, else its one-line error (its
-    last `error:` line)."""
+def visible_gpus() -> list[str]:
+    """The GPUs a sweep may spread its runs over, as CUDA_VISIBLE_DEVICES names them."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_child(argv: list[str], gpu: str | None = None, log: Path | None = None) -> str | None:
+    """Runs `run.py train` with `argv` (on `gpu` alone, when given), its output passed through or, with `log`,
+    written there; None on success, else its one-line error (its last `error:` line)."""
     error = None
-    child = subprocess.Popen([sys.executable, str(RUN_PY), "train", *argv], stderr=subprocess.PIPE, text=True,
-                             errors="replace")
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    sink = sys.stderr if log is None else open(log, "a")
+    child = subprocess.Popen([sys.executable, str(RUN_PY), "train", *argv], env=env, text=True, errors="replace",
+                             stdout=None if log is None else sink, stderr=subprocess.PIPE)
     try:
         for line in child.stderr:  # text mode reads tqdm's carriage returns as line ends
-            sys.stderr.write(line)
+            sink.write(line)
             if line.startswith("error: "):
                 error = line.removeprefix("error: ").strip()
         status = child.wait()
-    except KeyboardInterrupt:  # the child got the signal too: let it save its checkpoint
-        child.wait()
-        raise Interrupted(f"sweep stopped; run the same command with --out {out} to continue", signal.SIGINT) from None
+    finally:
+        child.wait()  # on an interrupt the child got the signal too: it saves its checkpoint first
+        if log is not None:
+            sink.close()
     return None if status == 0 else error or f"exit status {status}"
 
 
@@ -147,20 +163,39 @@ def sweep(args: argparse.Namespace, train: argparse.ArgumentParser) -> Path:
     train.parse_args([*args.train_flags, *grid_argv(combos[0])])  # bad train flags: one line, before any run
     out = Path(args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    print(f"sweep of {len(combos)} runs in {out} (the same command with --out {out} continues it)")
-    rows = []
-    for i, combo in enumerate(combos, 1):
+    gpus = visible_gpus()[: args.gpus]
+    parallel = len(gpus) > 1
+    print(f"sweep of {len(combos)} runs in {out}" + (f", one per GPU on GPUs {','.join(gpus)}" if parallel else "")
+          + f" (the same command with --out {out} continues it)")
+    free_gpus: queue.Queue = queue.Queue()
+    for gpu in gpus if parallel else [None]:
+        free_gpus.put(gpu)
+
+    def train_one(i: int, combo: dict[str, str]) -> dict:
         run_dir = out / run_name(combo)
+        tag = f"[{i}/{len(combos)}] {run_dir.name}"
         if (run_dir / "summary.json").is_file():
-            print(f"[{i}/{len(combos)}] {run_dir.name}: finished, skipped")
-            error = None
-        elif (run_dir / "checkpoint" / "progress.json").is_file():
-            print(f"[{i}/{len(combos)}] {run_dir.name}: resuming")
-            error = run_child(["--resume", str(run_dir)], out)
-        else:
-            print(f"[{i}/{len(combos)}] {run_dir.name}")
-            error = run_child([*args.train_flags, *grid_argv(combo), "--out", str(run_dir)], out)
-        rows.append(run_row(run_dir, combo, error))
+            print(f"{tag}: finished, skipped")
+            return run_row(run_dir, combo, None)
+        gpu = free_gpus.get()
+        try:
+            resume = (run_dir / "checkpoint" / "progress.json").is_file()
+            argv = ["--resume", str(run_dir)] if resume else [*args.train_flags, *grid_argv(combo), "--out", str(run_dir)]
+            log = out / f"{run_dir.name}.log" if parallel else None
+            print(tag + (": resuming" if resume else "") + (f" on GPU {gpu} (output in {log.name})" if parallel else ""),
+                  flush=True)
+            error = run_child(argv, gpu, log)
+            if parallel:
+                print(f"{tag}: {'done' if error is None else 'failed: ' + error}", flush=True)
+            return run_row(run_dir, combo, error)
+        finally:
+            free_gpus.put(gpu)
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(gpus) if parallel else 1) as pool:
+            rows = list(pool.map(train_one, range(1, len(combos) + 1), combos))
+    except KeyboardInterrupt:  # the children got the signal too and save their checkpoints; the pool waits for them
+        raise Interrupted(f"sweep stopped; run the same command with --out {out} to continue", signal.SIGINT) from None
     write_report(out, sort_rows(rows, args.metric), list(grid), args.metric)
     print(f"sweep saved in {out}: sweep.md, sweep.csv, sweep.png")
     return out
