@@ -35,8 +35,12 @@ class OneLineParser(argparse.ArgumentParser):
         # so that `--lr -1e-3` is read as a (refused) value rather than as an unknown flag
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
+    def print_help(self, file=None) -> None:
+        if process_rank() == 0:  # every rank of a torchrun job reads the same command line: show it once
+            super().print_help(file)
+
     def error(self, message: str) -> None:
-        if process_rank() == 0:  # every rank of a torchrun job reads the same command line: say it once
+        if process_rank() == 0:
             print(f"error: {message} (see `python run.py {self.prog.split()[-1]} --help`)", file=sys.stderr)
         sys.exit(2)
 
@@ -274,7 +278,8 @@ def say_error(message: object) -> None:
     message = str(message)
     if launched_ranks() > 1 and not message.startswith("rank "):
         message = f"rank {process_rank()}: {message}"
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write, so that lines of several ranks do not interleave
+    sys.stderr.flush()
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """Data parallelism under torchrun (gloo, two CPU processes): the same flags on 1 and 2 processes give the same run
 (float32, within float summation order), the same submission, and rank 0 alone writes; a checkpoint of 2 processes
-resumes on 1; a rank that dies or hangs ends the job with a line naming a rank (issue 15)."""
+resumes on 1; a stop signal to one rank stops all at one checkpoint; a rank that dies or hangs ends the job with a line
+naming a rank (issue 15)."""
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 import run
+from common.errors import UserError
+from train.distributed import TIMEOUT_VARIABLE, timeout_s
 from conftest import REPO
 
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -149,6 +152,32 @@ def test_a_rank_that_dies_or_hangs_ends_the_job(mode, tiny_llama3, tables, tmp_p
     else:  # rank 0 waited at the gradient all-reduce for its timeout, then said so
         assert "error: rank 0: the gradient all-reduce across 2 processes failed" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # no checkpoint yet: the new run's folder is gone
+
+
+@pytest.mark.parametrize("stopped_rank", [0, 1])
+def test_a_stop_signal_to_one_rank_stops_all_at_one_checkpoint_that_resumes_exactly(stopped_rank, tiny_llama3, tables,
+                                                                                   tmp_path):
+    """SIGTERM to one rank at step 2: every rank stops after that step, none exits before rank 0 has saved (torchrun
+    ends the rest when one exits), and the resumed run equals one never stopped, dropout masks included."""
+    flags = train_flags(tiny_llama3, tables[0], tmp_path / "stopped", "--lora-dropout", "0.1", "--eval-every", "3")
+    done = torchrun(["stop", str(stopped_rank), *flags], tmp_path / "cache", script="tests/dist_faults.py")
+    assert done.returncode != 0
+    assert "SIGTERM at step 2: checkpoint saved" in done.stderr, done.stderr[-3000:]
+    progress = json.loads((tmp_path / "stopped" / "checkpoint" / "progress.json").read_text())
+    assert progress["progress"]["step"] == 2 and progress["rng_ranks"] == 2
+    resumed = torchrun(["train", "--resume", str(tmp_path / "stopped")], tmp_path / "cache")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = torchrun(train_flags(tiny_llama3, tables[0], tmp_path / "straight", "--lora-dropout", "0.1",
+                                    "--eval-every", "3"), tmp_path / "cache")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_same_adapter(tmp_path / "straight", tmp_path / "stopped")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_timeout_is_one_line(value, monkeypatch):
+    monkeypatch.setenv(TIMEOUT_VARIABLE, value)
+    with pytest.raises(UserError, match=f"{TIMEOUT_VARIABLE}='{value}': must be a positive number of seconds"):
+        timeout_s()
 
 
 def test_readme_torchrun_commands_get_past_torchrun_parser():

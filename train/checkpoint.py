@@ -23,9 +23,26 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / TENSORS_FILE).is_file() and (folder / PROGRESS_FILE).is_file()
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict) -> None:
-    """`progress` holds step, data position and the best score so far; the optimizer's step counts, its
-    hyperparameters and the RNG states are added here."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random state: the CPU generator's and the current GPU's (asking for every GPU's would start a
+    CUDA context on each, from every rank)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: dict,
+                    rng_states: list[dict[str, torch.Tensor]] | None = None) -> None:
+    """`progress` holds step, data position and the best score so far; the optimizer's step counts and
+    hyperparameters are added here, and the random states of every rank (`rng_states`, one per rank; default:
+    this process's)."""
     params = trainable_parameters(model)
     tensors = {f"adapter.{name}": p.detach().cpu().contiguous() for name, p in params.items()}
     steps = {}
@@ -35,12 +52,10 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
             tensors[f"exp_avg.{name}"] = state["exp_avg"].cpu().contiguous()
             tensors[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].cpu().contiguous()
             steps[name] = int(state["step"])
-    tensors["rng.cpu"] = torch.get_rng_state()
-    # the current GPU's alone: asking for every GPU's would start a CUDA context on each, from every rank
-    cuda_states = [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []
-    tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(cuda_states)})
+    rng_states = rng_states or [rng_state()]
+    tensors.update({f"rng.{rank}.{kind}": value for rank, state in enumerate(rng_states) for kind, value in state.items()})
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    record = {"progress": progress, "optimizer_steps": steps, "param_groups": groups, "cuda_devices": len(cuda_states)}
+    record = {"progress": progress, "optimizer_steps": steps, "param_groups": groups, "rng_ranks": len(rng_states)}
     with atomic_folder(folder) as tmp:
         save_file(tensors, tmp / TENSORS_FILE)
         (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=2))
@@ -54,15 +69,18 @@ def saved_progress(folder: Path) -> dict:
     return progress
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restores the adapter, the optimizer and the RNG from `folder`; returns the saved progress."""
+def load_checkpoint(folder: Path, model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """Restores the adapter and the optimizer from `folder`; returns the saved progress and the random states of
+    the ranks that saved it (one per rank), for `set_rng_state`."""
     try:
         return _load_checkpoint(folder, model, optimizer)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
         raise UserError(f"{folder}: corrupt checkpoint ({type(err).__name__}: {err})") from None
 
 
-def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _load_checkpoint(folder: Path, model: nn.Module,
+                     optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     if not has_checkpoint(folder):
         raise UserError(f"{folder}: no checkpoint to resume from ({TENSORS_FILE} and {PROGRESS_FILE})")
     file = folder / TENSORS_FILE
@@ -91,7 +109,9 @@ def _load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
         optimizer.state[p] = {"step": step,
                               "exp_avg": tensors[f"exp_avg.{name}"].to(p.device, torch.float32),
                               "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device, torch.float32)}
-    torch.set_rng_state(tensors["rng.cpu"])
-    if record["cuda_devices"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda.0"])  # the current GPU's
-    return record["progress"]
+    if "rng.cpu" in tensors:  # written before rng states were kept per rank: one process's
+        rng_states = [{"cpu": tensors["rng.cpu"], **({"cuda": tensors["rng.cuda.0"]} if "rng.cuda.0" in tensors else {})}]
+    else:
+        rng_states = [{kind: tensors[f"rng.{rank}.{kind}"] for kind in ("cpu", "cuda") if f"rng.{rank}.{kind}" in tensors}
+                      for rank in range(record["rng_ranks"])]
+    return record["progress"], rng_states

@@ -3,6 +3,7 @@ frozen base and a replica of the LoRA weights. Gradients are summed once per opt
 the same AdamW state, so the replicas never drift; rank 0 alone writes."""
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +16,18 @@ from torch import Tensor
 from common.errors import UserError
 from common.launch import launched_ranks, local_rank, process_rank
 
-TIMEOUT_S = float(os.environ.get("LLAMA_JUDGE_DIST_TIMEOUT_S", 600))  # a collective waits this long for a lost rank
+TIMEOUT_VARIABLE = "LLAMA_JUDGE_DIST_TIMEOUT_S"  # how long a collective waits for a lost rank (default 600 s)
+
+
+def timeout_s() -> float:
+    text = os.environ.get(TIMEOUT_VARIABLE, "600")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{TIMEOUT_VARIABLE}={text!r}: must be a positive number of seconds")
+    return value
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,19 @@ class World:
             for tensor in tensors:
                 if self.size > 1:
                     dist.broadcast(tensor, src=0)
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        objects = [None] * self.size
+        with _collective(self, "all_gather"):
+            dist.all_gather_object(objects, obj)
+        return objects
+
+    def barrier(self) -> None:
+        """Returns once every rank has come here."""
+        self.any(False)
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank."""
@@ -97,8 +122,9 @@ def joined_world(device: torch.device) -> Iterator[World]:
                             f"or fewer)")
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timeout_s()
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     except (RuntimeError, ValueError, dist.DistError) as err:
         raise UserError(f"rank {rank}: setting up {backend} for {size} processes failed: {_first_line(err)}") from None
@@ -115,7 +141,7 @@ def _collective(world: World, what: str) -> Iterator[None]:
         yield
     except (RuntimeError, dist.DistError) as err:
         raise UserError(f"rank {world.rank}: {what} across {world.size} processes failed ({_first_line(err)}): "
-                        f"another rank died, or did not answer within {TIMEOUT_S:.0f} s") from None
+                        f"another rank died, or did not answer within {timeout_s():.0f} s") from None
 
 
 def _first_line(err: BaseException) -> str:

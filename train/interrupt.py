@@ -11,9 +11,12 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None  # set by the first signal once `deferred`
         self.deferred = False  # True while the loop can stop cleanly at a step boundary
+        self.saved = False  # True once the stop's checkpoint is written: later signals change nothing
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self.saved:  # e.g. torchrun ending this rank as the others exit after the same checkpoint
+            return
         if not self.deferred or self.signal_name is not None:
             raise KeyboardInterrupt(name)
         self.signal_name = name
@@ -22,6 +25,11 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    @property
+    def signal_number(self) -> int:
+        """The first signal's number; 0 for none."""
+        return signal.Signals[self.signal_name].value if self.signal_name else 0
 
 
 @contextmanager

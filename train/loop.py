@@ -20,7 +20,7 @@ from lora import apply_lora, save_adapter
 from model.default import cache_dir
 from train.batch import Rows, packed_rows, padded_rows
 from train.calibrate import fit_decision, save_decision
-from train.checkpoint import load_checkpoint, save_checkpoint, saved_progress
+from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, saved_progress, set_rng_state
 from train.distributed import GradientSync, World, broadcast_training_state, joined_world
 from train.fastpath import FastPath
 from train.interrupt import StopRequest, stop_requests
@@ -180,6 +180,8 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
                             world)
         except KeyboardInterrupt as interrupt:
             number = getattr(signal.Signals, str(interrupt), signal.SIGINT)
+            if folder is None and world.size > 1:  # rank 0 says what was kept
+                raise Interrupted(f"{number.name}: stopped at once", number) from None
             if folder is not None and folder.discard_if_unsaved():
                 raise Interrupted(f"interrupted before the first checkpoint; {folder.path} was removed",
                                   number) from None
@@ -239,9 +241,12 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     progress = {"step": 0, "epoch": 0, "index": 0, "best_score": None, "best_step": None, "stale_evals": 0,
                 "wall_s": 0.0}
     if world.broadcast_object(folder.has_checkpoint() if folder is not None else None):
+        rng_states = []
         if folder is not None:
-            progress = load_checkpoint(folder.checkpoint, model, optimizer)
-        progress = world.broadcast_object(progress)
+            progress, rng_states = load_checkpoint(folder.checkpoint, model, optimizer)
+        progress, rng_states = world.broadcast_object((progress, rng_states))
+        if world.rank < len(rng_states):  # a rank the checkpoint did not know keeps its seed + rank
+            set_rng_state(rng_states[world.rank])
         if "loss_scaler" in progress:
             scaler.load_state_dict(progress["loss_scaler"])
         if folder is not None:
@@ -252,7 +257,8 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
             saved_on = progress.get("processes", config["manifest"].get("processes", 1))
             if saved_on != world.size:
                 print(f"note: the checkpoint was saved by {saved_on} processes and resumes on {world.size}: the same "
-                      f"rows in the same steps, each step's rows shared {world.size} ways")
+                      f"rows make the same steps, now shared among {world.size} process(es)"
+                      + (" (dropout draws its masks anew)" if args.lora_dropout else ""))
     broadcast_training_state(world, params, optimizer)
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
@@ -263,8 +269,8 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         # each eager batch has a shape of its own, for which cuDNN attention would first build a plan
         return contextlib.nullcontext() if fast.compiled or pack else attention_without_cudnn(device)
 
-    def evaluate() -> dict:
-        """Each rank scores its share of the validation rows; every rank gets all the scores and the metrics."""
+    def validation_scores() -> np.ndarray:
+        """Each rank scores its share of the validation rows; every rank gets all the scores."""
         with attention_backends():
             shard = fast.run(lambda: predict_p_true(
                 model, val_table.subset(val_shards[world.rank]), base.label_ids, base.tokenizer.pad_id,
@@ -275,6 +281,10 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
             raise UserError(f"evaluation at step {progress['step']}: {np.count_nonzero(~np.isfinite(p_true))} "
                             f"validation rows got a non-finite P(True) (try a lower --lr)")
         last_scores["val"] = p_true
+        return p_true
+
+    def evaluate() -> dict:
+        p_true = validation_scores()
         metrics = {"step": progress["step"], "split": "val", **binary_metrics(p_true, val_labels)}
         better = improves(args.select_by, metrics[args.select_by], progress["best_score"])
         if better:
@@ -290,8 +300,9 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
 
     def checkpoint() -> None:
         nonlocal saved_step
+        rng_states = world.all_gather_object(rng_state())
         if folder is not None:
-            save_checkpoint(folder.checkpoint, model, optimizer, {**progress, "processes": world.size})
+            save_checkpoint(folder.checkpoint, model, optimizer, {**progress, "processes": world.size}, rng_states)
         saved_step = progress["step"]
 
     last_scores: dict[str, np.ndarray] = {}
@@ -340,18 +351,21 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
                 log.step(record)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
-            stopping = world.any(stop.requested)  # every rank stops at the same step
+            stop_signal = int(world.max(stop.signal_number))  # every rank stops at the same step, naming one signal
             if progress["step"] % args.eval_every == 0 or progress["step"] == last_step:
                 metrics = evaluate()
                 bar.write(f"step {progress['step']}: val accuracy {metrics['accuracy']:.4f} "
                           f"auroc {metrics['auroc'] if metrics['auroc'] is None else round(metrics['auroc'], 4)}")
                 checkpoint()
-            elif stopping:
+            elif stop_signal:
                 checkpoint()
-            if stopping and progress["step"] < last_step:
-                name = stop.signal_name or "SIGTERM"  # a rank that got no signal stops with the ones that did
+            if stop_signal and progress["step"] < last_step:
+                # No rank exits before rank 0 has saved: torchrun ends the others as soon as one exits.
+                world.barrier()
+                stop.saved = True
+                name = signal.Signals(stop_signal).name
                 raise Interrupted(f"{name} at step {progress['step']}: checkpoint saved; continue with "
-                                  f"`python run.py train --resume {args.out}`", signal.Signals[name])
+                                  f"`python run.py train --resume {args.out}`", signal.Signals(stop_signal))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA out of memory at step {progress['step'] + 1}: {OOM_HINT}") from None
     finally:
@@ -362,7 +376,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         bar.write(f"stopped early at step {progress['step']}: {args.patience} evaluations without a better "
                   f"{args.select_by} than {progress['best_score']} (step {progress['best_step']})")
     if "val" not in last_scores:  # resumed at its last step (or where patience ran out), before adapter/ was written
-        metrics = evaluate()
+        metrics = {"step": progress["step"], "split": "val", **binary_metrics(validation_scores(), val_labels)}
     peak_memory = peak_memory_gb(device)
     peak_memory = {key: value if value is None else world.max(value) for key, value in peak_memory.items()}
     if folder is None:
