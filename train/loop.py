@@ -9,6 +9,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -84,7 +85,7 @@ def patience_ran_out(progress: dict, patience: int | None) -> bool:
 
 def absolute_paths(flags: dict) -> dict:
     """Paths as absolute, so that a run resumes and scores from any working directory."""
-    paths = {key: str(Path(flags[key]).absolute()) for key in ("model", "data", "out") if flags.get(key)}
+    paths = {key: str(Path(flags[key]).absolute()) for key in ("model", "data", "extra_data", "out") if flags.get(key)}
     if flags.get("template") and Path(flags["template"]).is_file():
         paths["template"] = str(Path(flags["template"]).absolute())
     return {**flags, **paths}
@@ -136,12 +137,19 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     data_path = Path(args.data) if args.data else DEFAULT_DATA_DIR / "train.csv"
     df = read_table(data_path, split="train", template=template, skip_bad_rows=args.skip_bad_rows)
     data_sha256 = file_sha256(data_path)
+    extra = None
+    if args.extra_data:
+        extra = read_table(Path(args.extra_data), split="train", template=template, skip_bad_rows=args.skip_bad_rows)
+        data_sha256 += "+" + file_sha256(Path(args.extra_data))  # the extra table is part of the data
     if resuming and config["manifest"]["data_sha256"] != data_sha256:
         raise UserError(f"--resume {args.out}: {data_path} changed since the run started (its SHA-256 differs); "
                         "the split and data order would change — start a new run")
     base = resolve_base(args.model, args.quant, template, device, args.precision)
     args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)
+    if extra is not None:  # training rows only: validation stays rows of --data
+        train_idx = np.concatenate([train_idx, len(df) + np.arange(len(extra))])
+        df = pd.concat([df, extra], ignore_index=True)
     if len(train_idx) < world.size:
         raise UserError(f"{data_path}: {len(train_idx)} training rows for {world.size} processes (each needs rows)")
     table = tokenize_table(df, base.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
@@ -170,7 +178,9 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         config["resumes"] = [*config.get("resumes", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                          "changed": changes, "processes": world.size}]
     if world.main:
-        print(f"{data_path}: {len(train_idx)} training rows, {len(val_idx)} validation rows; run folder {folder.path}"
+        from_extra = f" ({len(extra)} from {args.extra_data})" if extra is not None else ""
+        print(f"{data_path}: {len(train_idx)} training rows{from_extra}, {len(val_idx)} validation rows; "
+              f"run folder {folder.path}"
               + (f"; {world.size} processes" if world.size > 1 else ""))
     with stop_requests() as stop:
         try:
