@@ -273,7 +273,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args, train_flags = parser.parse_known_args(argv)
         args.train_flags = train_flags
         return args
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if is_train and known.resume is not None:  # for flags newer than the run, which its config.json lacks
+        args.defaults = vars(build_parser().parse_args(["train"]))
+    return args
 
 
 def say_error(message: object) -> None:

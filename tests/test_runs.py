@@ -224,6 +224,19 @@ def test_resume_applies_max_steps_and_refuses_other_flags(finished_run, tmp_path
     assert config["flags"]["max_steps"] == 8 and config["resumes"][-1]["changed"] == {"--max-steps": [6, 8]}
 
 
+def test_a_run_from_before_a_flag_existed_resumes_with_its_default(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "old"
+    shutil.copytree(finished_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    for newer in ("extra_data", "patience", "select_by"):
+        del config["flags"][newer]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert run.main(["train", "--resume", str(run_dir), "--max-steps", "7"]) == 0
+    flags = json.loads((run_dir / "config.json").read_text())["flags"]
+    assert (flags["extra_data"], flags["patience"], flags["select_by"]) == (None, None, "auroc")
+    assert "defaults" not in flags
+
+
 def test_resume_refuses_a_changed_table(finished_run, tables, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)

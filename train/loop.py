@@ -110,11 +110,12 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     resuming = bool(getattr(args, "resume", None))
     config = world.broadcast_object(folder.read_config() if folder is not None else None)
     if resuming:
-        flags, changes = resumed_flags(config["flags"], vars(args))
+        given = dict(vars(args))
+        flags, changes = resumed_flags(config["flags"], given, given.pop("defaults", None))
         flags["out"] = world.broadcast_object(str(folder.path) if folder is not None else None)  # it may have moved
     else:
         out = args.out or world.broadcast_object(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
-        flags = absolute_paths({**vars(args), "out": out})
+        flags = absolute_paths({**{k: v for k, v in vars(args).items() if k != "defaults"}, "out": out})
     args = Namespace(**flags)
 
     # Every check that needs no weights, before any are read.

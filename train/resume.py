@@ -15,11 +15,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def resumed_flags(saved: dict, given: dict) -> tuple[dict, dict]:
+def resumed_flags(saved: dict, given: dict, defaults: dict | None = None) -> tuple[dict, dict]:
     """The run's saved flags with the explicitly `given` ones applied, and {flag: [old, new]} of what changed.
+    A flag the saved config lacks (a run from before the flag existed) takes its value from `defaults`.
 
     A flag outside CHANGEABLE that differs from the saved value is one UserError. Giving --epochs alone
     clears a saved --max-steps, so that the epochs decide the length."""
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in NOT_FLAGS}, **saved}
     given = {k: v for k, v in given.items() if k not in NOT_FLAGS}
     for key in ("model", "data"):
         if given.get(key):
