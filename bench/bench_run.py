@@ -9,6 +9,8 @@ peak GPU memory is then the largest of any rank's.
 """
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +27,8 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2, help="steps left out of the median (compilation, warm-up)")
     parser.add_argument("--label", default="run.py train")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds before the run and every process it started are killed")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -34,11 +38,16 @@ def main() -> None:
     started = time.perf_counter()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                 "--"] if args.nproc > 1 else [sys.executable]
-    process = subprocess.Popen([*launcher, str(REPO / "run.py"), *command])
+    # its own session, so that a timeout ends torchrun's workers too and leaves no process holding our output open
+    process = subprocess.Popen([*launcher, str(REPO / "run.py"), *command], start_new_session=True)
     first_step_s = None
     while process.poll() is None:
         if first_step_s is None and metrics.is_file() and metrics.stat().st_size:
             first_step_s = time.perf_counter() - started
+        if args.timeout and time.perf_counter() - started > args.timeout:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise SystemExit(f"run.py killed after {args.timeout:.0f} s ({args.label})")
         time.sleep(0.2)
     wall_s = time.perf_counter() - started
     if process.returncode:
