@@ -143,7 +143,8 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         extra = read_table(Path(args.extra_data), split="train", template=template, skip_bad_rows=args.skip_bad_rows)
         data_sha256 += "+" + file_sha256(Path(args.extra_data))  # the extra table is part of the data
     if resuming and config["manifest"]["data_sha256"] != data_sha256:
-        raise UserError(f"--resume {args.out}: {data_path} changed since the run started (its SHA-256 differs); "
+        tables = f"{data_path} or {args.extra_data}" if args.extra_data else str(data_path)
+        raise UserError(f"--resume {args.out}: {tables} changed since the run started (its SHA-256 differs); "
                         "the split and data order would change — start a new run")
     base = resolve_base(args.model, args.quant, template, device, args.precision)
     args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same

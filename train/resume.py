@@ -4,10 +4,10 @@ from pathlib import Path
 from common.errors import UserError
 
 # How long to train (and when to stop early), how often to evaluate, how fast to run (the same rows in the same
-# steps, summed in another order), and where the base or the (unchanged) table now lies. Not --select-by: the
+# steps, summed in another order), and where the base or the (unchanged) tables now lie. Not --select-by: the
 # best score so far was kept by the old metric.
 CHANGEABLE = ("max_steps", "epochs", "patience", "eval_every", "eval_batch_tokens", "compile", "cuda_graphs", "eager",
-              "packing", "pack_tokens", "grad_checkpoint", "model", "data")
+              "packing", "pack_tokens", "grad_checkpoint", "model", "data", "extra_data")
 NOT_FLAGS = ("command", "resume")
 
 
@@ -23,7 +23,7 @@ def resumed_flags(saved: dict, given: dict, defaults: dict | None = None) -> tup
     clears a saved --max-steps, so that the epochs decide the length."""
     saved = {**{k: v for k, v in (defaults or {}).items() if k not in NOT_FLAGS}, **saved}
     given = {k: v for k, v in given.items() if k not in NOT_FLAGS}
-    for key in ("model", "data"):
+    for key in ("model", "data", "extra_data"):
         if given.get(key):
             given[key] = str(Path(given[key]).absolute())
     if "epochs" in given and "max_steps" not in given:
