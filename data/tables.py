@@ -101,7 +101,7 @@ def table_labels(df: pd.DataFrame) -> np.ndarray | None:
 
 def _read_text_columns(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {'a folder, not a table' if path.is_dir() else 'file not found'}")
     if path.suffix.lower() not in FORMATS:
         raise UserError(f"{path}: unknown table format {path.suffix!r} (use {', '.join(FORMATS)})")
     if path.stat().st_size == 0:

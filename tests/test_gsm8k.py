@@ -2,6 +2,7 @@
 through every later calculator mark (issue 17, a stronger judge from the data we have)."""
 import json
 import random
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ import run
 from common.errors import UserError
 from conftest import SHARED_DATA, train_args
 from data.gsm8k import MARK, carry_slip, evaluate, gsm8k_rows, read_gsm8k
+from data.gsm8k import main as gsm8k_main
 from train.loop import train
 
 NATALIA = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -55,7 +57,7 @@ def test_a_bad_line_is_one_error_naming_it(tmp_path):
     with pytest.raises(UserError, match="bad.jsonl:2: not a GSM8K line"):
         read_gsm8k(path)
     path.write_text(json.dumps({"question": "q", "answer": "no final line"}) + "\n")
-    with pytest.raises(UserError, match="bad.jsonl:1: the answer does not end with '#### <final answer>'"):
+    with pytest.raises(UserError, match="bad.jsonl:1: the answer does not end with '#### <number>'"):
         read_gsm8k(path)
 
 
@@ -70,6 +72,8 @@ def test_on_all_of_gsm8k_train_the_wrong_rows_are_wrong_and_their_marks_add_up()
     assert len(slips) > 0.5 * len(wrong)
     assert (slips["solution"].map(wrong_marks) == 1).all()
     assert (rows[rows["source"] != "gsm8k_slip"]["solution"].map(wrong_marks) == 0).all()
+    answers = wrong["answer"].astype(float)  # the form of a wrong answer gives nothing away: whole, not negative
+    assert (answers % 1 == 0).all() and (answers >= 0).mean() >= (rows[rows["is_correct"]]["answer"].astype(float) >= 0).mean()
 
 
 def test_extra_data_trains_on_more_rows_and_never_validates_on_them(tiny_llama3, tables, tmp_path, monkeypatch):
@@ -86,11 +90,44 @@ def test_extra_data_trains_on_more_rows_and_never_validates_on_them(tiny_llama3,
     assert run.main(["train", "--resume", str(more), "--max-steps", "4"]) == 2
 
 
-def test_the_module_writes_a_table(tmp_path, monkeypatch):
+def test_extra_rows_never_ask_a_validation_question(tiny_llama3, tables, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="the same table as --data"):
+        train(train_args(tiny_llama3, tables[0], tmp_path / "same", "--extra-data", str(tables[0])))
+    copy = pd.read_csv(tables[0])
+    copy["solution"] = copy["solution"] + " Checked."  # another file, the same questions
+    copy.to_csv(tmp_path / "copy.csv", index=False)
+    folder = train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--max-steps", "1",
+                              "--extra-data", str(tmp_path / "copy.csv")))
+    summary = json.loads((folder / "summary.json").read_text())
+    left_out = int(re.search(r"(\d+) rows ask a validation question", capsys.readouterr().out).group(1))
+    assert left_out >= 8  # every validation row's question, asked again in the copy (and by its group's other rows)
+    assert summary["train_rows"] == 40 + 48 - left_out and summary["val_rows"] == 8
+
+
+def test_the_module_writes_a_table(tmp_path):
     source = tmp_path / "train.jsonl"
     source.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
-    monkeypatch.setattr("sys.argv", ["gsm8k", str(source), "--out", str(tmp_path / "rows.csv")])
-    from data.gsm8k import main
-    main()
+    assert gsm8k_main([str(source), "--out", str(tmp_path / "rows.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "rows.csv")) == 4
     assert Path(source).read_text().count("\n") == 2  # the input is untouched
+
+
+@pytest.mark.parametrize("content, out, message", [
+    ("", "rows.csv", "no problems in it"),
+    ("\n\n", "rows.csv", "no problems in it"),
+    ('{"question": "Q", "answer": 5}\n', "rows.csv", ":1: question and answer must be text"),
+    ('{"question": null, "answer": "x\\n#### 5"}\n', "rows.csv", ":1: question and answer must be text"),
+    ('{"question": "Q", "answer": "x\\n#### 2%0 apples"}\n', "rows.csv", ":1: the answer does not end with"),
+    (b"\xff\xfe", "rows.csv", "not UTF-8 text"),
+    (json.dumps(PROBLEMS[0]) + "\n", ".", "is a folder"),
+    (json.dumps(PROBLEMS[0]) + "\n", "train.jsonl", "would overwrite the input"),
+])
+def test_bad_input_is_one_line_and_exit_2(content, out, message, tmp_path, capsys):
+    source = tmp_path / "train.jsonl"
+    source.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = source.read_bytes()
+    assert gsm8k_main([str(source), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert source.read_bytes() == before

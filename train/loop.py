@@ -141,7 +141,11 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     extra = None
     if args.extra_data:
         extra = read_table(Path(args.extra_data), split="train", template=template, skip_bad_rows=args.skip_bad_rows)
-        data_sha256 += "+" + file_sha256(Path(args.extra_data))  # the extra table is part of the data
+        extra_sha256 = file_sha256(Path(args.extra_data))
+        if extra_sha256 == data_sha256:
+            raise UserError(f"--extra-data {args.extra_data}: the same table as --data (its rows would be validated "
+                            f"on and trained on)")
+        data_sha256 += "+" + extra_sha256  # the extra table is part of the data
     if resuming and config["manifest"]["data_sha256"] != data_sha256:
         tables = f"{data_path} or {args.extra_data}" if args.extra_data else str(data_path)
         raise UserError(f"--resume {args.out}: {tables} changed since the run started (its SHA-256 differs); "
@@ -149,7 +153,12 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     base = resolve_base(args.model, args.quant, template, device, args.precision)
     args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)
-    if extra is not None:  # training rows only: validation stays rows of --data
+    if extra is not None:  # training rows only: validation stays rows of --data, and no question of it is trained on
+        asked = extra["question"].str.strip().isin(set(df["question"].iloc[val_idx].str.strip())).to_numpy()
+        if asked.any() and world.main:
+            print(f"note: {args.extra_data}: {int(asked.sum())} rows ask a validation question of {data_path}; "
+                  f"they are left out of training")
+        extra = extra[~asked]
         train_idx = np.concatenate([train_idx, len(df) + np.arange(len(extra))])
         df = pd.concat([df, extra], ignore_index=True)
     if len(train_idx) < world.size:
