@@ -1,6 +1,8 @@
 """`run.py sweep`: a grid of train flags run one by one or one per GPU, failures as rows, resumable (issue 17, item 3)."""
 import csv
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -74,7 +76,7 @@ def test_an_interrupted_run_is_resumed(tmp_path, monkeypatch, capsys):
     checkpoint.mkdir(parents=True)
     (checkpoint / "progress.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(train.sweep, "run_child", lambda argv, gpu=None, log=None: calls.append(argv) or "it broke")
+    monkeypatch.setattr(train.sweep, "run_child", lambda argv, gpu=None, log=None, children=None: calls.append(argv) or "it broke")
     assert run.main(["sweep", "--grid", "rank=4,8", "--out", str(tmp_path / "sweep"), "--max-steps", "3"]) == 0
     assert calls == [["--resume", str(tmp_path / "sweep" / "rank4")],
                      ["--max-steps", "3", "--rank", "8", "--out", str(tmp_path / "sweep" / "rank8")]]
@@ -85,7 +87,7 @@ def test_several_gpus_run_one_run_each_at_a_time(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     busy, seen, lock = set(), [], threading.Lock()
 
-    def fake_run(argv, gpu=None, log=None):
+    def fake_run(argv, gpu=None, log=None, children=None):
         with lock:
             assert gpu not in busy  # never two runs on one GPU
             busy.add(gpu)
@@ -106,6 +108,51 @@ def test_several_gpus_run_one_run_each_at_a_time(tmp_path, monkeypatch, capsys):
     seen.clear()
     assert run.main(["sweep", "--grid", "rank=4,8", "--out", str(tmp_path / "t"), "--gpus", "1"]) == 0
     assert seen == [(None, None), (None, None)]  # one at a time, output passed through, the GPU left as it is
+
+
+FAKE_TRAIN = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True)
+def stop(signum, frame):
+    (out / "signals").open("a").write(signal.Signals(signum).name + "\\n")
+    time.sleep(0.5)  # saving a checkpoint
+    print("error: SIGINT at step 1: checkpoint saved", file=sys.stderr)
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+(out / "started").write_text("")
+time.sleep(30)
+"""
+
+
+def test_a_signal_to_the_sweep_reaches_each_running_run_once_and_starts_no_more(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(train.sweep, "RUN_PY", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    out = tmp_path / "s"
+
+    def interrupt_when_both_started():
+        deadline = time.monotonic() + 20
+        while len(list(out.glob("*/started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_both_started, daemon=True).start()
+    assert run.main(["sweep", "--grid", "rank=4,8,16", "--out", str(out)]) == 128 + signal.SIGINT
+    started = sorted(p.parent.name for p in out.glob("*/started"))
+    assert len(started) == 2 and not (out / "rank16").exists()  # the queued run never started
+    assert all((out / name / "signals").read_text() == "SIGINT\n" for name in started)  # once each, not twice
+    assert "sweep stopped; run the same command" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_flags_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.sweep, "run_child", lambda argv, gpu=None, log=None, children=None: "it broke")
+    out = str(tmp_path / "s")
+    assert run.main(["sweep", "--grid", "rank=4,8", "--out", out, "--max-steps", "3"]) == 0
+    assert "holds a sweep of other flags" in one_line_error(["sweep", "--grid", "rank=4,8", "--out", out,
+                                                             "--max-steps", "9"], capsys)
+    assert run.main(["sweep", "--grid", "rank=4,8", "--out", out, "--max-steps", "3"]) == 0  # the same: continues
 
 
 @pytest.mark.parametrize("grid, extra, message", [

@@ -12,17 +12,19 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common.errors import Interrupted, UserError
-from common.files import atomic_write
+from common.files import atomic_write, read_json, write_json
 
 RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 COLUMNS = ("accuracy", "auroc", "log_loss", "ece", "wall_s", "peak_memory_gb")
 LOWER_IS_BETTER = ("log_loss",)
 NOT_IN_GRID = ("out", "resume")  # the sweep owns each run's folder
+SETTINGS = "sweep.json"  # the grid and flags of the sweep in a folder, so that a rerun continues the same sweep
 
 
 def parse_grid(text: str, train: argparse.ArgumentParser) -> dict[str, list[str]]:
@@ -72,14 +74,49 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_child(argv: list[str], gpu: str | None = None, log: Path | None = None) -> str | None:
+class Children:
+    """The sweep's running trainings. Each runs in a session of its own, so that a Ctrl-C at the terminal reaches
+    the sweep alone, which passes each signal on once (a second signal to a run stops it at once: it must not get
+    the terminal's and ours); once stopping, no new run starts."""
+
+    def __init__(self):
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping: int = 0  # the signal that stops the sweep; 0 while none came
+
+    def start(self, command: list[str], **kwargs) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            child = subprocess.Popen(command, start_new_session=True, **kwargs)
+            self.running.add(child)
+            return child
+
+    def finished(self, child: subprocess.Popen) -> None:
+        with self.lock:
+            self.running.discard(child)
+
+    def pass_on(self, signum: int, frame=None) -> None:
+        with self.lock:
+            self.stopping = self.stopping or signum
+            for child in self.running:
+                child.send_signal(signum)
+
+
+def run_child(argv: list[str], gpu: str | None = None, log: Path | None = None,
+              children: Children | None = None) -> str | None:
     """Runs `run.py train` with `argv` (on `gpu` alone, when given), its output passed through or, with `log`,
     written there; None on success, else its one-line error (its last `error:` line)."""
     error = None
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    children = children or Children()
     sink = sys.stderr if log is None else open(log, "a")
-    child = subprocess.Popen([sys.executable, str(RUN_PY), "train", *argv], env=env, text=True, errors="replace",
-                             stdout=None if log is None else sink, stderr=subprocess.PIPE)
+    child = children.start([sys.executable, str(RUN_PY), "train", *argv], env=env, text=True, errors="replace",
+                           stdout=None if log is None else sink, stderr=subprocess.PIPE)
+    if child is None:
+        if log is not None:
+            sink.close()
+        return "not started: the sweep was stopped"
     try:
         for line in child.stderr:  # text mode reads tqdm's carriage returns as line ends
             sink.write(line)
@@ -87,7 +124,8 @@ def run_child(argv: list[str], gpu: str | None = None, log: Path | None = None) 
                 error = line.removeprefix("error: ").strip()
         status = child.wait()
     finally:
-        child.wait()  # on an interrupt the child got the signal too: it saves its checkpoint first
+        child.wait()  # stopped, it saves its checkpoint first
+        children.finished(child)
         if log is not None:
             sink.close()
     return None if status == 0 else error or f"exit status {status}"
@@ -163,6 +201,11 @@ def sweep(args: argparse.Namespace, train: argparse.ArgumentParser) -> Path:
     train.parse_args([*args.train_flags, *grid_argv(combos[0])])  # bad train flags: one line, before any run
     out = Path(args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"grid": grid, "train_flags": args.train_flags}
+    if (out / SETTINGS).is_file() and read_json(out / SETTINGS, "") != settings:
+        raise UserError(f"--out {out}: holds a sweep of other flags ({read_json(out / SETTINGS, '')}); continue it with "
+                        f"those, or pass another --out")
+    write_json(out / SETTINGS, settings)
     gpus = visible_gpus()[: args.gpus]
     parallel = len(gpus) > 1
     print(f"sweep of {len(combos)} runs in {out}" + (f", one per GPU on GPUs {','.join(gpus)}" if parallel else "")
@@ -170,6 +213,7 @@ def sweep(args: argparse.Namespace, train: argparse.ArgumentParser) -> Path:
     free_gpus: queue.Queue = queue.Queue()
     for gpu in gpus if parallel else [None]:
         free_gpus.put(gpu)
+    children = Children()
 
     def train_one(i: int, combo: dict[str, str]) -> dict:
         run_dir = out / run_name(combo)
@@ -184,18 +228,23 @@ def sweep(args: argparse.Namespace, train: argparse.ArgumentParser) -> Path:
             log = out / f"{run_dir.name}.log" if parallel else None
             print(tag + (": resuming" if resume else "") + (f" on GPU {gpu} (output in {log.name})" if parallel else ""),
                   flush=True)
-            error = run_child(argv, gpu, log)
+            error = run_child(argv, gpu, log, children)
             if parallel:
                 print(f"{tag}: {'done' if error is None else 'failed: ' + error}", flush=True)
             return run_row(run_dir, combo, error)
         finally:
             free_gpus.put(gpu)
 
+    previous = {s: signal.signal(s, children.pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ThreadPoolExecutor(max_workers=len(gpus) if parallel else 1) as pool:
             rows = list(pool.map(train_one, range(1, len(combos) + 1), combos))
-    except KeyboardInterrupt:  # the children got the signal too and save their checkpoints; the pool waits for them
-        raise Interrupted(f"sweep stopped; run the same command with --out {out} to continue", signal.SIGINT) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if children.stopping:  # the runs saved their checkpoints; the same command continues them
+        raise Interrupted(f"sweep stopped; run the same command with --out {out} to continue",
+                          signal.Signals(children.stopping))
     write_report(out, sort_rows(rows, args.metric), list(grid), args.metric)
     print(f"sweep saved in {out}: sweep.md, sweep.csv, sweep.png")
     return out
