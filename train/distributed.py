@@ -52,10 +52,11 @@ class World:
 
     def broadcast_(self, tensors: list[Tensor]) -> None:
         """Overwrites each of `tensors` (on self.device) with rank 0's."""
+        if self.size == 1:
+            return
         with _collective(self, "broadcast"):
             for tensor in tensors:
-                if self.size > 1:
-                    dist.broadcast(tensor, src=0)
+                dist.broadcast(tensor, src=0)
 
     def all_gather_object(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -67,19 +68,11 @@ class World:
         return objects
 
     def barrier(self) -> None:
-        """Returns once every rank has come here."""
-        self.any(False)
-
-    def any(self, flag: bool) -> bool:
-        """Whether `flag` is true on any rank."""
-        if self.size == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        with _collective(self, "all_reduce"):
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        """Returns once every rank has come here (a tiny all-reduce: NCCL's own barrier guesses the GPU)."""
+        self.max(0.0)
 
     def max(self, value: float) -> float:
+        """The largest of every rank's `value`, on every rank."""
         if self.size == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
