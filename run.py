@@ -182,6 +182,9 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     ev.add_argument("--data", required=True, help="labeled table: question, answer, solution, is_correct")
     ev.add_argument("--group-col", metavar="COL", help="column naming each row's question: adds best-of-N selection")
     ev.add_argument("--by", metavar="COL", help="also report the metrics for each value of this column")
+    ev.add_argument("--split", choices=("all", "val"), default="all",
+                    help="all rows of --data, or only the run's validation rows of it (--data must be the table it "
+                         "trained on; written to RUN/eval/<table>-val/)")
     ev.add_argument("--fit", action="store_true",
                     help="fit temperature and threshold on this table (a validation table) and save them to the "
                          "run as decision.json, which infer and eval then apply")

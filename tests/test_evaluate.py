@@ -186,6 +186,18 @@ def test_eval_end_to_end_writes_every_metric_and_both_plots(run_copy, labeled, t
     assert report["log_loss"] == pytest.approx(log_loss(p_true, table["is_correct"] == "True"), rel=1e-6)
 
 
+def test_eval_split_val_scores_the_runs_own_validation_rows(run_copy, tables, labeled, capsys):
+    """The validation rows drawn again as training drew them: the final adapter's AUROC on them is the run's."""
+    assert run.main(["eval", "--run", str(run_copy), "--data", str(tables[0]), "--split", "val"]) == 0
+    report = json.loads((run_copy / "eval" / "train-val" / "eval.json").read_text())
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert report["n"] == summary["val_rows"]
+    assert report["auroc"] == pytest.approx(summary["final"]["auroc"], abs=1e-6)
+    capsys.readouterr()
+    assert run.main(["eval", "--run", str(run_copy), "--data", str(labeled), "--split", "val"]) == 2
+    assert "is not the table run trained on (its SHA-256 differs)" in capsys.readouterr().err
+
+
 def test_eval_fit_saves_a_decision_that_eval_then_applies(run_copy, labeled, capsys):
     assert run.main(["eval", "--run", str(run_copy), "--data", str(labeled), "--fit", "--threshold-for", "f1"]) == 0
     decision = json.loads((run_copy / "decision.json").read_text())

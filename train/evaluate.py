@@ -12,11 +12,11 @@ from matplotlib.figure import Figure
 
 from common.errors import UserError
 from common.files import atomic_folder, unwritable_ancestor, write_json
-from data import read_table, table_labels
+from data import read_table, split_train_val, table_labels
 from train.calibrate import DECISION, apply_temperature, decision_in_use, fit_decision, save_decision
 from train.infer import TrainedRun, open_run, score_table
 from train.metrics import ECE_BINS, best_of_n, binary_metrics, reliability_bins, roc_curve
-from train.runfolder import RunFolder
+from train.runfolder import RunFolder, file_sha256
 
 COLUMNS = ("n", "accuracy", "precision", "recall", "f1", "auroc", "log_loss", "brier", "ece")
 
@@ -37,9 +37,13 @@ def evaluate(args: Namespace) -> Path:
         raise UserError("--threshold-for says what --fit maximizes; add --fit")
     run = open_run(args)
     data_path = Path(args.data)
-    out_dir = eval_folder(run.path, data_path)
+    validation = args.split == "val"
+    out_dir = eval_folder(run.path, data_path, "-val" if validation else "")
     in_use = None if args.fit else decision_in_use(run.path, args.threshold)  # a bad decision.json stops here
-    df = read_table(data_path, split="train", template=run.template)  # a labeled table: is_correct required
+    if validation:
+        df = validation_rows(run, data_path)
+    else:
+        df = read_table(data_path, split="train", template=run.template)  # a labeled table: is_correct required
     for flag, column in (("--group-col", args.group_col), ("--by", args.by)):
         if column and column not in df.columns:
             raise UserError(f"{flag} {column}: no such column in {data_path} (found: {', '.join(df.columns)})")
@@ -72,9 +76,23 @@ def evaluate(args: Namespace) -> Path:
     return out_dir
 
 
-def eval_folder(run_dir: Path, data_path: Path) -> Path:
-    """RUN/eval/<table stem>, checked before any work: it is replaced as a whole, so it must not hold the table."""
-    out_dir = run_dir / "eval" / data_path.stem
+def validation_rows(run: TrainedRun, data_path: Path) -> pd.DataFrame:
+    """The rows of `data_path` that were the run's validation split, drawn again as training drew them; the table
+    must be the one the run trained on."""
+    flags, trained_on = run.config["flags"], run.config.get("manifest", {}).get("data_sha256", "")
+    if run.adapter is None:
+        raise UserError("--split val: needs a run (--run); an export does not know its validation rows")
+    if not data_path.is_file() or file_sha256(data_path) != trained_on.split("+")[0]:
+        raise UserError(f"--split val: {data_path} is not the table {run.path.name} trained on (its SHA-256 differs)")
+    df = read_table(data_path, split="train", template=run.template, skip_bad_rows=flags.get("skip_bad_rows", False))
+    _, val_idx = split_train_val(df, flags["val_size"], flags["seed"], group_col=flags.get("group_col"))
+    return df.iloc[val_idx].reset_index(drop=True)
+
+
+def eval_folder(run_dir: Path, data_path: Path, suffix: str = "") -> Path:
+    """RUN/eval/<table stem><suffix>, checked before any work: it is replaced as a whole, so it must not hold the
+    table."""
+    out_dir = run_dir / "eval" / (data_path.stem + suffix)
     if data_path.resolve().is_relative_to(out_dir.resolve()):
         raise UserError(f"--data {data_path}: lies in {out_dir}, which eval replaces; move the table first")
     if blocked := unwritable_ancestor(out_dir):
