@@ -15,6 +15,7 @@ from torch import Tensor
 
 from common.errors import UserError
 from common.launch import launched_ranks, local_rank, process_rank
+from data import Tokenized, scoring_shards
 
 TIMEOUT_VARIABLE = "LLAMA_JUDGE_DIST_TIMEOUT_S"  # how long a collective waits for a lost rank (default 600 s)
 
@@ -97,6 +98,13 @@ class World:
         for shard, part in zip(shards, parts):
             out[shard] = part[: len(shard)].cpu().numpy()
         return out
+
+
+def scoring_share(table: Tokenized, world: World) -> tuple[Tokenized, list[np.ndarray]]:
+    """This rank's share of the rows to score (the whole table in one process) and every rank's row positions, for
+    `World.gather`."""
+    shards = scoring_shards(table.lengths, world.size)
+    return (table if world.size == 1 else table.subset(shards[world.rank])), shards
 
 
 @contextlib.contextmanager

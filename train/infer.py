@@ -12,11 +12,11 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import atomic_write, read_json, unwritable_ancestor, write_json
-from data import Template, get_template, read_labels, read_table, scoring_shards, table_labels, tokenize_table
+from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
 from train.calibrate import DECISION, apply_temperature, decision_in_use
-from train.distributed import World, joined_world
+from train.distributed import World, joined_world, scoring_share
 from train.loop import DEFAULT_DATA_DIR, default_packing
 from train.metrics import binary_metrics
 from train.fastpath import FastPath
@@ -137,8 +137,7 @@ def score_table(run: TrainedRun, df: pd.DataFrame, world: World = World()) -> np
         print(f"note: the run trained on {trained.get('device')} ({trained.get('precision')}); "
               f"scoring on {run.device} ({base.precision}), same {base.quantization} base")
     table = tokenize_table(df, base.tokenizer, run.template, run.max_len, cache_dir=cache_dir() / "tokens")
-    shards = scoring_shards(table.lengths, world.size)
-    table = table.subset(shards[world.rank])
+    table, shards = scoring_share(table, world)
     model = base.load_model()
     if run.adapter is not None:
         load_adapter(model, run.adapter)

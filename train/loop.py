@@ -15,14 +15,14 @@ from tqdm import tqdm
 
 from common.errors import Interrupted, UserError
 from common.files import append_jsonl, atomic_write, read_json_lines, write_json
-from data import (Tokenized, get_template, padded_length, read_table, scoring_shards, split_tokens, split_train_val,
-                  table_labels, tokenize_table)
+from data import (Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val, table_labels,
+                  tokenize_table)
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
 from train.batch import Rows, packed_rows, padded_rows
 from train.calibrate import fit_decision, save_decision
 from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, saved_progress, set_rng_state
-from train.distributed import GradientSync, World, broadcast_training_state, joined_world
+from train.distributed import GradientSync, World, broadcast_training_state, joined_world, scoring_share
 from train.fastpath import FastPath
 from train.interrupt import StopRequest, stop_requests
 from train.metrics import binary_metrics
@@ -34,7 +34,7 @@ from train.runfolder import RunFolder, check_new_run_path, file_sha256, manifest
 from train.runlog import RunLog
 from train.schedule import lr_at, total_steps
 from train.setup import Base, pick_device, resolve_base
-from train.step import optimizer_step
+from train.step import optimizer_step, zero_grad
 from train.stream import StepStream
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
@@ -242,14 +242,6 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     scaler = base.numerics.scaler()
     pad_to = COMPILED_PAD if fast.compiled and not pack else 1
 
-    def zero_grad() -> None:
-        if sync is not None:
-            sync.zero_grad()
-        elif fast.graphs is not None:
-            fast.graphs.zero_grad()
-        else:
-            optimizer.zero_grad(set_to_none=True)
-
     def step_rows(batches: list[np.ndarray]) -> list[Rows]:
         """This rank's micro-batches of a step: its share of the step's rows packed into lines (shares of equal
         tokens), or its share of the right-padded bucketed batches."""
@@ -283,7 +275,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     broadcast_training_state(world, params, optimizer)
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
-    val_shards = scoring_shards(val_table.lengths, world.size)
+    val_share, val_shards = scoring_share(val_table, world)
     saved_step = progress["step"] if progress["step"] else None  # of the last checkpoint
 
     def attention_backends() -> contextlib.AbstractContextManager:
@@ -294,7 +286,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         """Each rank scores its share of the validation rows; every rank gets all the scores."""
         with attention_backends():
             shard = fast.run(lambda: predict_p_true(
-                model, val_table.subset(val_shards[world.rank]), base.label_ids, base.tokenizer.pad_id,
+                model, val_share, base.label_ids, base.tokenizer.pad_id,
                 args.eval_batch_tokens or (args.pack_tokens if pack else None), device, pad_to_multiple=pad_to,
                 pack=pack, max_seqlen=args.max_len, dtype=dtype))
         p_true = world.gather(shard, val_shards, len(val_table))
@@ -347,7 +339,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
                     lambda: optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
                                            args.max_grad_norm, fast.graphs, dtype, scaler, sync,
                                            step_rows=sum(len(rows) for rows in batches)),
-                    reset=zero_grad)
+                    reset=lambda: zero_grad(optimizer, fast.graphs, sync))
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
             if not finite and scaler.enabled and not scaler.exhausted:  # fp16: skipped, at a lower loss scale
                 finite = None

@@ -60,10 +60,16 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     if finite:
         optimizer.step()
     scaler.update(finite)
+    zero_grad(optimizer, graphs, sync)
+    return loss, grad_norm
+
+
+def zero_grad(optimizer: torch.optim.Optimizer, graphs: BackwardGraphs | None = None,
+              sync: GradientSync | None = None) -> None:
+    """Clears the gradients for the next step, in place where something holds on to them."""
     if sync is not None:  # the gradients are views of its buffer (which the graphs, if any, add into too)
         sync.zero_grad()
     elif graphs is not None:  # the graphs add into the gradients they were recorded with
         graphs.zero_grad()
     else:
         optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
