@@ -100,6 +100,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=probability,
                         help="call an answer correct when its (calibrated) P(True) is at least this "
                              "(default: the run's decision.json, else 0.5)")
+    parser.add_argument("--no-consensus", dest="consensus", action="store_false",
+                        help="judge every row alone: no consensus of the answers other rows of the same question give "
+                             "(default: used where the run's decision.json has one)")
 
 
 def build_parser(preset: str | None = None, explicit_only: bool = False) -> argparse.ArgumentParser:

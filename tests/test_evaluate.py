@@ -159,7 +159,8 @@ def test_eval_end_to_end_writes_every_metric_and_both_plots(run_copy, labeled, t
     argv = ["eval", "--run", str(run_copy), "--data", str(labeled), "--group-col", "group", "--by", "kind"]
     assert run.main(argv) == 0
     out = run_copy / "eval" / "val"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "reliability.png", "roc.png", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "reliability.png", "roc.png", "scores.csv",
+                                                     "summary.md"]
     report = json.loads((out / "eval.json").read_text())
     assert EVAL_KEYS <= set(report)
     assert set(report["confusion"]) == {"tp", "fp", "tn", "fn"} and sum(report["confusion"].values()) == 14
@@ -299,3 +300,31 @@ def test_eval_refuses_bad_inputs_before_scoring(run_copy, labeled, tables, monke
         writer.release()
     assert re.match(rf"^error: {re.escape(str(run_copy))}: another process \(pid \d+\) is writing this run", err)
     assert not (run_copy / "eval" / "val" / "eval.json").exists()
+
+
+def test_eval_and_infer_judge_a_questions_candidates_together(run_copy, tmp_path, capsys):
+    """eval --fit on a table where every question has two candidates fits a consensus; eval reports it beside the
+    model alone, and infer gives the same P(True), or the model's alone with --no-consensus."""
+    df = generate(40, seed=5)
+    df.insert(0, "ID", [f"c{i}" for i in range(len(df))])
+    table = tmp_path / "pairs.csv"
+    df.to_csv(table, index=False)
+    assert run.main(["eval", "--run", str(run_copy), "--data", str(table), "--fit"]) == 0
+    decision = json.loads((run_copy / "decision.json").read_text())
+    assert decision["consensus"]["rows"] == 40
+    report = json.loads((run_copy / "eval" / "pairs" / "eval.json").read_text())
+    assert report["consensus"]["rows"] == 40 and report["consensus"]["threshold"] == decision["consensus"]["threshold"]
+    assert set(report["model_alone"]) >= {"accuracy", "auroc", "confusion"}
+    assert "Consensus of answers decided 40 rows" in capsys.readouterr().out
+    scores = pd.read_csv(run_copy / "eval" / "pairs" / "scores.csv")
+    assert scores["by_consensus"].all() and scores["row"].tolist() == list(range(1, 41))
+    assert report["accuracy"] == pytest.approx(np.mean(scores["decided"] == scores["is_correct"]))
+
+    def infer(*extra: str) -> np.ndarray:
+        out = tmp_path / "sub.csv"
+        assert run.main(["infer", "--run", str(run_copy), "--data", str(table), "--out", str(out), *extra]) == 0
+        return pd.read_csv(tmp_path / "sub_p_true.csv")["p_true"].to_numpy()
+
+    np.testing.assert_allclose(infer(), scores["p_true"], rtol=1e-9)
+    assert "40 decided with the consensus" in capsys.readouterr().out
+    np.testing.assert_allclose(infer("--no-consensus"), scores["p_model"], rtol=1e-6)  # float32 as written

@@ -1,7 +1,8 @@
 """From P(True) to a decision: a temperature that calibrates it and a threshold that decides, fitted on labeled
 scores (a validation split or table) and kept in the run folder as decision.json.
 
-Calibrated P(True) = sigmoid(logit(p) / T); the threshold applies to the calibrated value (True where >=)."""
+Calibrated P(True) = sigmoid(logit(p) / T); the threshold applies to the calibrated value (True where >=). A decision
+may also hold a `consensus` (consensus.py) for rows whose question has other candidates in the table."""
 import math
 from pathlib import Path
 
@@ -104,9 +105,11 @@ def load_decision(run_dir: Path, file: str = DECISION) -> dict | None:
     return decision
 
 
-def decision_in_use(run_dir: Path, threshold: float | None = None, file: str = DECISION) -> tuple[dict, str]:
-    """The temperature and threshold to score with: the run's decision.json (T = 1 and 0.5 without one), its
-    threshold replaced by `threshold` when given; and a line saying where each came from."""
+def decision_in_use(run_dir: Path, threshold: float | None = None, file: str = DECISION,
+                    consensus: bool = True) -> tuple[dict, str]:
+    """The temperature and threshold to score with: the run's decision.json (T = 1 and 0.5 without one), with its
+    consensus unless `consensus` is False, every threshold replaced by `threshold` when given; and a line saying
+    where each came from."""
     stored = load_decision(run_dir, file)
     where = str(Path(run_dir) / file) if stored else "default"
     temperature = stored["temperature"] if stored else 1.0
@@ -114,8 +117,13 @@ def decision_in_use(run_dir: Path, threshold: float | None = None, file: str = D
         threshold, threshold_from = (stored["threshold"] if stored else 0.5), where
     else:
         threshold_from = "--threshold"
-    return ({"temperature": temperature, "threshold": threshold},
-            f"threshold {threshold:.4g} ({threshold_from}), temperature {temperature:.4g} ({where})")
+    decision = {"temperature": temperature, "threshold": threshold}
+    used = f"threshold {threshold:.4g} ({threshold_from}), temperature {temperature:.4g} ({where})"
+    if consensus and stored and "consensus" in stored:
+        decision["consensus"] = {**stored["consensus"]} | ({} if threshold_from == where else {"threshold": threshold})
+        used += (f"; rows whose question has other candidates: consensus of answers, threshold "
+                 f"{decision['consensus']['threshold']:.4g} ({threshold_from})")
+    return decision, used
 
 
 def _check_decision(decision: dict, where: str) -> None:
@@ -124,6 +132,9 @@ def _check_decision(decision: dict, where: str) -> None:
         raise ValueError(f"{where}: 'temperature' must be a positive number, got {temperature!r}")
     if not _is_number(threshold) or not 0 <= threshold <= 1:
         raise ValueError(f"{where}: 'threshold' must be a number in [0, 1], got {threshold!r}")
+    if "consensus" in decision:
+        from train.consensus import check_consensus  # consensus.py builds on this file
+        check_consensus(decision["consensus"], where)
 
 
 def _is_number(value) -> bool:

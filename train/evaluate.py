@@ -1,7 +1,8 @@
 """`python run.py eval`: score a labeled table with a run and report how well its P(True) separates, decides and is
-calibrated, overall, per value of a column (--by) and as a best-of-N picker (--group-col). Writes
-RUN/eval/<table stem>/: eval.json, reliability.png, roc.png, summary.md; --fit also fits and saves
-RUN/decision.json on this table."""
+calibrated, overall, per value of a column (--by) and as a best-of-N picker (--group-col). The P(True) is the judge's,
+as `infer` gives it: with the consensus of a question's candidates where the run's decision has one (and the model
+alone beside it). Writes RUN/eval/<table stem>/: eval.json, scores.csv, reliability.png, roc.png, summary.md; --fit
+also fits and saves RUN/decision.json on this table."""
 from argparse import Namespace
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from matplotlib.figure import Figure
 from common.errors import UserError
 from common.files import atomic_folder, unwritable_ancestor, write_json
 from data import read_table, split_train_val, table_labels
-from train.calibrate import DECISION, apply_temperature, decision_in_use, fit_decision, save_decision
+from train.calibrate import DECISION, apply_temperature, decision_in_use, save_decision
+from train.consensus import fit_judge, judge
 from train.infer import TrainedRun, open_run, score_table
 from train.metrics import ECE_BINS, best_of_n, binary_metrics, reliability_bins, roc_curve
 from train.runfolder import RunFolder, file_sha256
@@ -21,7 +23,8 @@ from train.runfolder import RunFolder, file_sha256
 COLUMNS = ("n", "accuracy", "precision", "recall", "f1", "auroc", "log_loss", "brier", "ece")
 
 
-def table_metrics(p_true: np.ndarray, labels: np.ndarray, threshold: float, groups: np.ndarray | None = None) -> dict:
+def table_metrics(p_true: np.ndarray, labels: np.ndarray, threshold: float | np.ndarray,
+                  groups: np.ndarray | None = None) -> dict:
     m = binary_metrics(p_true, labels, threshold)
     metrics = {k: m[k] for k in COLUMNS} | {"confusion": {k: m[k] for k in ("tp", "fp", "tn", "fn")}}
     if groups is not None:
@@ -39,7 +42,7 @@ def evaluate(args: Namespace) -> Path:
     data_path = Path(args.data)
     validation = args.split == "val"
     out_dir = eval_folder(run.path, data_path, "-val" if validation else "")
-    in_use = None if args.fit else decision_in_use(run.path, args.threshold)  # a bad decision.json stops here
+    in_use = None if args.fit else decision_in_use(run.path, args.threshold, consensus=args.consensus)  # bad: stops
     if validation:
         df = validation_rows(run, data_path)
     else:
@@ -50,29 +53,39 @@ def evaluate(args: Namespace) -> Path:
     labels = table_labels(df)
 
     if args.fit:
-        p_raw, decision = fit_on_table(run, df, labels, args.threshold_for or "accuracy")
-        used = (f"threshold {decision['threshold']:.4g}, temperature {decision['temperature']:.4g}, fitted on this "
-                f"table for {decision['threshold_for']} and saved to {run.path / DECISION}")
+        p_raw, decision = fit_on_table(run, df, labels, args.threshold_for or "accuracy", args.consensus)
+        used = (f"threshold {decision['threshold']:.4g}, temperature {decision['temperature']:.4g}"
+                + (f", consensus threshold {decision['consensus']['threshold']:.4g}" if "consensus" in decision else "")
+                + f", fitted on this table for {decision['threshold_for']} and saved to {run.path / DECISION}")
     else:
         p_raw, (decision, used) = score_table(run, df), in_use
-    p_true, threshold = apply_temperature(p_raw, decision["temperature"]), decision["threshold"]
+    p_true, thresholds, by_consensus = judge(p_raw, decision, df["question"], df["answer"])
     groups = df[args.group_col].to_numpy() if args.group_col else None
     report = {"data": str(data_path.absolute()), "adapter": str(run.adapter), "decision": used,
-              **table_metrics(p_true, labels, threshold, groups),
-              "threshold": threshold, "temperature": decision["temperature"]}
+              **table_metrics(p_true, labels, thresholds, groups),
+              "threshold": decision["threshold"], "temperature": decision["temperature"]}
+    p_alone = apply_temperature(p_raw, decision["temperature"])
+    if by_consensus.any():
+        fitted = decision["consensus"]
+        report["consensus"] = {"rows": int(by_consensus.sum()), "threshold": fitted["threshold"],
+                               "weights": fitted["weights"], "bias": fitted["bias"]}
+        report["model_alone"] = table_metrics(p_alone, labels, decision["threshold"], groups)
     if args.by:
         values = df[args.by].to_numpy()
-        report["by"] = {str(v): table_metrics(p_true[values == v], labels[values == v], threshold,
+        report["by"] = {str(v): table_metrics(p_true[values == v], labels[values == v], thresholds[values == v],
                                               None if groups is None else groups[values == v])
                         for v in sorted(set(values))}
+    scores = pd.DataFrame({"row": df.index, "is_correct": labels.astype(bool), "p_true": p_true,
+                           "decided": p_true >= thresholds, "by_consensus": by_consensus, "p_model": p_alone})
 
     summary = summary_markdown(report, args.by)
     with atomic_folder(out_dir) as tmp:
         write_json(tmp / "eval.json", report)
+        scores.to_csv(tmp / "scores.csv", index=False)
         plot_reliability(p_true, labels, tmp / "reliability.png", report)
         plot_roc(p_true, labels, tmp / "roc.png", report)
         (tmp / "summary.md").write_text(summary)
-    print(summary + f"\nwritten to {out_dir}/: eval.json, reliability.png, roc.png, summary.md")
+    print(summary + f"\nwritten to {out_dir}/: eval.json, scores.csv, reliability.png, roc.png, summary.md")
     return out_dir
 
 
@@ -86,7 +99,7 @@ def validation_rows(run: TrainedRun, data_path: Path) -> pd.DataFrame:
         raise UserError(f"--split val: {data_path} is not the table {run.path.name} trained on (its SHA-256 differs)")
     df = read_table(data_path, split="train", template=run.template, skip_bad_rows=flags.get("skip_bad_rows", False))
     _, val_idx = split_train_val(df, flags["val_size"], flags["seed"], group_col=flags.get("group_col"))
-    return df.iloc[val_idx].reset_index(drop=True)
+    return df.iloc[val_idx]
 
 
 def eval_folder(run_dir: Path, data_path: Path, suffix: str = "") -> Path:
@@ -100,13 +113,16 @@ def eval_folder(run_dir: Path, data_path: Path, suffix: str = "") -> Path:
     return out_dir
 
 
-def fit_on_table(run: TrainedRun, df: pd.DataFrame, labels: np.ndarray, threshold_for: str) -> tuple[np.ndarray, dict]:
-    """Scores the table, fits a decision on it and saves it to the run, holding the run's lock throughout
-    (one writer at a time, as in training). Returns the uncalibrated P(True) and the decision."""
+def fit_on_table(run: TrainedRun, df: pd.DataFrame, labels: np.ndarray, threshold_for: str,
+                 consensus: bool = True) -> tuple[np.ndarray, dict]:
+    """Scores the table, fits a decision on it (with a consensus where `consensus` and the table allow) and saves it
+    to the run, holding the run's lock throughout (one writer at a time, as in training). Returns the uncalibrated
+    P(True) and the decision."""
     writer = RunFolder.open(run.path)
     try:
         p_raw = score_table(run, df)
-        decision = fit_decision(p_raw, labels, threshold_for)
+        candidates = (df["question"], df["answer"]) if consensus else (None, None)
+        decision = fit_judge(p_raw, labels, *candidates, threshold_for=threshold_for)
         fitted_on = str(Path(df.attrs["source"]).absolute())
         save_decision(run.path, {**decision, "fitted_on": fitted_on, "adapter": run.adapter.name})
     finally:
@@ -122,11 +138,20 @@ def summary_markdown(report: dict, by: str | None) -> str:
 
     lines = [f"# {Path(report['data']).name} scored by {report['adapter']}", "", f"Decision: {report['decision']}.", "",
              "| subset | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|", row("all", report)]
+    alone = report.get("model_alone")
+    if alone:
+        lines.append(row("all, model alone", alone))
     lines += [row(f"{by} = {value}", metrics) for value, metrics in report.get("by", {}).items()]
     if "best_of_n" in report:
         b = report["best_of_n"]
         lines += ["", f"Best of N over {b['groups']} groups: accuracy {b['accuracy']:.4f} "
-                      f"(oracle {b['oracle']:.4f}, random pick {b['random']:.4f})."]
+                      f"(oracle {b['oracle']:.4f}, random pick {b['random']:.4f})"
+                      + (f"; the model alone picks {alone['best_of_n']['accuracy']:.4f}." if alone else ".")]
+    if "consensus" in report:
+        c = report["consensus"]
+        weights = ", ".join(f"{name} {weight:.3g}" for name, weight in c["weights"].items())
+        lines += ["", f"Consensus of answers decided {c['rows']} rows (their question has other candidates in the "
+                      f"table): weights {weights}, bias {c['bias']:.3g}, threshold {c['threshold']:.4g}."]
     c = report["confusion"]
     lines += ["", f"Confusion: tp {c['tp']}, fp {c['fp']}, tn {c['tn']}, fn {c['fn']}."]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ from common.files import atomic_write, read_json, unwritable_ancestor, write_jso
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
-from train.calibrate import DECISION, apply_temperature, decision_in_use
+from train.calibrate import DECISION, decision_in_use
+from train.consensus import judge
 from train.distributed import World, joined_world, scoring_share
 from train.loop import DEFAULT_DATA_DIR, default_packing
 from train.metrics import binary_metrics
@@ -171,23 +172,25 @@ def _infer(args: Namespace, world: World) -> Path:
         data_path, labels_path = DEFAULT_DATA_DIR / "test.csv", Path(args.labels or DEFAULT_DATA_DIR / "test_labels.csv")
     outputs = output_files(Path(args.out))
     check_outputs(outputs, [data_path, *([labels_path] if labels_path else []), *run.files()], run.folders())
-    decision, used = decision_in_use(run.path, args.threshold, run.decision_file)
+    decision, used = decision_in_use(run.path, args.threshold, run.decision_file, consensus=args.consensus)
 
     df = read_table(data_path, split="test", template=run.template)
     labels = read_labels(labels_path, df["ID"]) if labels_path else table_labels(df)
     if world.main:
         print(f"decision: {used}")
-    p_true = apply_temperature(score_table(run, df, world), decision["temperature"])
-    predicted = p_true >= decision["threshold"]
+    p_true, thresholds, by_consensus = judge(score_table(run, df, world), decision, df["question"], df["answer"])
+    predicted = p_true >= thresholds
     if not world.main:
         return Path(args.out)
 
     out, p_true_out, metrics_out = outputs
     write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": predicted}), out)
     write_csv(pd.DataFrame({"ID": df["ID"], "p_true": p_true}), p_true_out)
-    print(f"{out}: {len(df)} predictions from {run.adapter or run.model} ({int(predicted.sum())} True)")
+    print(f"{out}: {len(df)} predictions from {run.adapter or run.model} ({int(predicted.sum())} True"
+          + (f"; {int(by_consensus.sum())} decided with the consensus of their question's candidates)"
+             if by_consensus.any() else ")"))
     if labels is not None:
-        metrics = binary_metrics(p_true, labels, decision["threshold"])
+        metrics = binary_metrics(p_true, labels, thresholds)
         write_json(metrics_out, {**metrics, **decision})
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return out

@@ -20,7 +20,8 @@ from data import (Tokenized, get_template, padded_length, read_table, split_toke
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
 from train.batch import Rows, packed_rows, padded_rows
-from train.calibrate import fit_decision, save_decision
+from train.calibrate import save_decision
+from train.consensus import fit_judge
 from train.checkpoint import load_checkpoint, rng_state, save_checkpoint, saved_progress, set_rng_state
 from train.distributed import GradientSync, World, broadcast_training_state, joined_world, scoring_share
 from train.fastpath import FastPath
@@ -165,6 +166,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         raise UserError(f"{data_path}: {len(train_idx)} training rows for {world.size} processes (each needs rows)")
     table = tokenize_table(df, base.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), table_labels(df)[val_idx]
+    val_candidates = df["question"].to_numpy()[val_idx], df["answer"].to_numpy()[val_idx]  # for the consensus
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
     step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
     args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, step_tokens, args.max_len)
@@ -197,8 +199,8 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         try:
             # closed before a failed new run's folder is removed
             with RunLog(folder.tensorboard) if world.main else contextlib.nullcontext() as log:
-                return _run(args, folder, config, base, train_table, val_table, val_labels, last_step, stop, log,
-                            world)
+                return _run(args, folder, config, base, train_table, val_table, val_labels, val_candidates,
+                            last_step, stop, log, world)
         except KeyboardInterrupt as interrupt:
             number = getattr(signal.Signals, str(interrupt), signal.SIGINT)
             if folder is None and world.size > 1:  # rank 0 says what was kept
@@ -218,8 +220,8 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
 
 
 def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, train_table: Tokenized,
-         val_table: Tokenized, val_labels: np.ndarray, last_step: int, stop: StopRequest, log: RunLog | None,
-         world: World) -> Path:
+         val_table: Tokenized, val_labels: np.ndarray, val_candidates: tuple[np.ndarray, np.ndarray], last_step: int,
+         stop: StopRequest, log: RunLog | None, world: World) -> Path:
     """The loop; `folder` and `log` exist on rank 0 alone, which writes everything."""
     device = base.device
     torch.manual_seed(args.seed)
@@ -395,7 +397,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     if folder is None:
         return Path(args.out)
     save_adapter(model, folder.adapter, base_model_name_or_path=str(base.model_path))
-    save_decision(folder.path, fit_decision(last_scores["val"], val_labels))  # for adapter/, which infer uses
+    save_decision(folder.path, fit_judge(last_scores["val"], val_labels, *val_candidates))  # for adapter/, as infer
     plot_run(folder.metrics, folder.plot)
     log.scalars("memory", peak_memory, progress["step"])
     summary = {"flags": vars(args), "model": str(base.model_path), "device": str(device),
