@@ -6,6 +6,7 @@
 #
 #   bash bench/judge_sweep.sh DEV_CSV GSM8K_TRAIN_JSONL OUT_DIR
 #
+# Run again with the same OUT_DIR to continue after a stop (finished runs are skipped, stopped ones resumed).
 # OUT_DIR gets gsm8k_rows.csv, plain/ and gsm8k/ (each a sweep: sweep.md, sweep.csv, a folder per run) and
 # best.txt; the best run's eval lands in its folder, eval/dev-val/.
 set -eu
@@ -14,7 +15,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 python3 -m data.gsm8k "$gsm8k" --out "$out/gsm8k_rows.csv"
 common=(--data "$dev" --group-col group --val-size 0.2 --alpha 64 --batch-size 16 --eval-every 100000 --quant none)
-python3 "$repo/run.py" sweep --grid "rank=16,64 lr=1e-4,2e-4,4e-4 epochs=3,5" --out "$out/plain" "${common[@]}"
+python3 "$repo/run.py" sweep --grid "rank=16,64 lr=2e-4,4e-4,8e-4 epochs=3,5" --out "$out/plain" "${common[@]}"
 python3 "$repo/run.py" sweep --grid "rank=16,64 lr=1e-4,2e-4,4e-4 epochs=1,2" --out "$out/gsm8k" "${common[@]}" \
   --extra-data "$out/gsm8k_rows.csv"
 python3 - "$out" > "$out/best.txt" <<'PY'
