@@ -14,7 +14,7 @@ import train.loop  # noqa: E402
 from common.launch import process_rank  # noqa: E402
 
 mode, faulty_rank, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-real_step, real_save = train.loop.optimizer_step, train.loop.save_checkpoint
+real_step, real_save = train.loop.launch_optimizer_step, train.loop.save_checkpoint
 calls = 0
 
 
@@ -35,7 +35,7 @@ def slow_save(*args, **kwargs):
     return real_save(*args, **kwargs)
 
 
-train.loop.optimizer_step = faulty_step
+train.loop.launch_optimizer_step = faulty_step
 if mode == "stop":
     train.loop.save_checkpoint = slow_save
 sys.exit(run.main(argv))

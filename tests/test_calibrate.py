@@ -120,6 +120,7 @@ def test_decision_round_trips_through_the_run_folder(tmp_path):
     ('{"temperature": 1, "threshold": 1.5}', r"decision.json: 'threshold' must be a number in \[0, 1\], got 1.5"),
     ('{"temperature": 1}', r"decision.json: 'threshold' must be a number in \[0, 1\], got None"),
     ('{"temperature": true, "threshold": 0.5}', r"'temperature' must be a positive number, got True"),
+    ('{"temperature": 1' + "0" * 400 + ', "threshold": 0.5}', r"'temperature' must be a positive number, got 10"),
 ])
 def test_a_malformed_decision_is_one_line_naming_the_file(tmp_path, text, message):
     (tmp_path / "decision.json").write_text(text)

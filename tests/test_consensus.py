@@ -3,6 +3,7 @@ three features against hand-worked values, the regression at its optimum, and th
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from common.errors import UserError
@@ -10,6 +11,7 @@ from data.answers import answer_key, candidate_groups
 from train.calibrate import apply_temperature, decision_in_use, load_decision, logit, save_decision
 from train.consensus import (FEATURES, MIN_ROWS, RIDGE, consensus_features, fit_consensus, fit_judge, fit_logistic,
                              judge)
+from train.loop import whole_questions
 from train.metrics import auroc
 
 
@@ -19,7 +21,14 @@ def test_equal_answers_share_a_key(same):
     assert len({answer_key(a) for a in same}) == 1
 
 
-@pytest.mark.parametrize("different", [("12", "120"), ("1.5", "15"), ("nan", "NaN apples"), ("-3", "3"), ("", "0")])
+@pytest.mark.parametrize("same", [("1e1000000", "10e999999"), ("-$5", "-5.00")])
+def test_exact_numbers_of_any_size_share_a_key(same):
+    assert len({answer_key(a) for a in same}) == 1 and len(answer_key(same[0])) < 20
+
+
+@pytest.mark.parametrize("different", [("12", "120"), ("1.5", "15"), ("nan", "NaN apples"), ("-3", "3"), ("", "0"),
+                                       ("2, 3", "23"), ("3,5", "35"), ("1 2", "12"), (str(2**100), str(2**100 + 1)),
+                                       ("1e-999999999", "0", "-1e-999999999")])
 def test_different_answers_keep_different_keys(different):
     assert len({answer_key(a) for a in different}) == len(different)
 
@@ -43,6 +52,16 @@ def test_features_on_a_hand_worked_table():
     np.testing.assert_allclose(x[:, 1], [1 / 3, 1 / 3, 0, 0, 0, 0, 0])  # others of its question with its answer
     np.testing.assert_allclose(x[:, 2], [1.2 / 2, 1.2 / 2, 0.6 / 2, 0.2 / 2, 0.5, 0.5, 1.0])  # its answer's P share
     assert FEATURES == ("logit", "agree", "vote")
+
+
+def test_questions_whose_answers_are_all_empty_are_judged_without_error():
+    p_true = np.array([0.2, 0.5, 0.9])
+    x, has_peers = consensus_features(p_true, ["a", "a", "b"], ["", "", ""])
+    assert has_peers.tolist() == [True, True, False] and (x[:, 1] == 0).all() and np.isfinite(x).all()
+    np.testing.assert_allclose(x[:2, 2], [0.2 / 0.7, 0.5 / 0.7])  # each empty answer holds its own P(True) alone
+    p, labels, questions, answers = agreeing_table()
+    judged, _, _ = judge(p, fit_judge(p, labels, questions, answers), questions, np.full(len(p), ""))
+    assert np.isfinite(judged).all()
 
 
 def test_logistic_fit_is_at_the_penalized_optimum_and_recovers_known_weights():
@@ -127,6 +146,9 @@ def test_a_decision_with_consensus_round_trips_and_the_flags_override_it(tmp_pat
     ({"weights": {"logit": 1.0, "agree": 2.0, "vote": float("nan")}, "bias": 0, "threshold": 0.5}, "finite"),
     ({"weights": {"logit": 1.0, "agree": 2.0, "vote": 1.0}, "bias": 0.0, "threshold": 1.5}, r"in \[0, 1\]"),
     ("yes", "must hold finite"),
+    ({"weights": {"logit": 1.0, "agree": 2.0, "vote": 1.0, "note": "hand-tuned"}, "bias": 0.0, "threshold": 0.5},
+     "must hold finite 'weights'"),
+    ({"weights": {"logit": 1.0, "agree": 2.0, "vote": 1.0}, "bias": 10 ** 400, "threshold": 0.5}, "finite"),
 ])
 def test_a_malformed_consensus_is_one_line_naming_the_file(tmp_path, consensus, message):
     (tmp_path / "decision.json").write_text(json.dumps({"temperature": 1.0, "threshold": 0.5,
@@ -134,3 +156,12 @@ def test_a_malformed_consensus_is_one_line_naming_the_file(tmp_path, consensus, 
     with pytest.raises(UserError, match=message) as caught:
         load_decision(tmp_path)
     assert str(tmp_path / "decision.json") in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_consensus_is_fitted_on_the_validation_questions_no_training_row_asks():
+    df = pd.DataFrame({"question": ["a", "a", "b", "b ", "c", "c"], "answer": ["1", "2", "3", "3", "4", "5"]})
+    questions, answers = whole_questions(df, np.array([0, 1]), np.array([2, 3, 4, 5]), say=False)
+    assert questions.tolist() == ["b", "b ", "c", "c"] and answers.tolist() == ["3", "3", "4", "5"]
+    questions, _ = whole_questions(df, np.array([0, 2]), np.array([1, 3, 4, 5]), say=False)
+    _, has_peers = consensus_features(np.full(4, 0.5), questions, answers)
+    assert has_peers.tolist() == [False, False, True, True]  # "a" and "b" are split: their rows stand alone

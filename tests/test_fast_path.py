@@ -101,7 +101,7 @@ def steps_through(model, graphed, steps=4, seq_len=16):
     records them and later steps replay them: each replay adds into gradients whose memory the graph reuses."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, grads = AdamW(params, lr=0.0, weight_decay=0.0), []
-    optimizer.step = lambda: grads.append(torch.cat([p.grad.float().flatten().cpu() for p in params]))
+    optimizer.step = lambda **_: grads.append(torch.cat([p.grad.float().flatten().cpu() for p in params]))
     label_ids = torch.tensor([3, 4], device="cuda")
     graphs = graphed_backward(model, params, label_ids) if graphed else None
     losses = [optimizer_step(model, optimizer, [batch("cuda", seed=10 * step + i, seq_len=seq_len) for i in range(2)],

@@ -158,7 +158,7 @@ def test_cuda_graphs_replay_packed_lines_within_bf16s_own_error(tiny_checkpoint)
                 layer.lora_B.weight.normal_(std=0.05)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, grads = AdamW(params, lr=0.0, weight_decay=0.0), []
-        optimizer.step = lambda: grads.append(torch.cat([p.grad.float().flatten().cpu() for p in params]))
+        optimizer.step = lambda **_: grads.append(torch.cat([p.grad.float().flatten().cpu() for p in params]))
         graphs = graphed_backward(model, params, label_ids, dtype=dtype) if graphed else None
         losses = []
         for step in range(4):

@@ -66,7 +66,8 @@ def test_a_run_logs_the_metrics_to_tensorboard(tiny_llama3, tables, tmp_path):
 
 
 def test_a_resumed_run_logs_each_step_once(tiny_llama3, tables, tmp_path, monkeypatch):
-    signal_at_step(monkeypatch, 4, signal.SIGINT, signal.SIGINT)  # stops at once during step 5; checkpoint at 3
+    # stops at once while launching step 6, with step 5 in flight (unlogged); checkpoint at 3, step 4 logged
+    signal_at_step(monkeypatch, 5, signal.SIGINT, signal.SIGINT)
     with pytest.raises(UserError, match="stopped at once"):
         train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run"))
     assert [e.step for e in events(tmp_path / "run").Scalars("train/loss")] == [1, 2, 3, 4]

@@ -20,6 +20,7 @@ from common import files
 from common.errors import UserError
 from conftest import train_args
 from train.runfolder import RunFolder
+from train.step import PendingStep
 from train.stream import StepStream
 
 
@@ -146,7 +147,8 @@ def test_an_interrupt_before_the_first_checkpoint_leaves_a_folder_the_same_comma
 
 
 def test_a_nan_at_the_first_step_leaves_no_stale_folder(tiny_llama3, tables, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train.loop, "optimizer_step", lambda *args, **kwargs: (float("nan"), 1.0))
+    monkeypatch.setattr(train.loop, "launch_optimizer_step",
+                        lambda *args, **kwargs: PendingStep.known(float("nan"), 1.0))
     message = main_error(train_argv(tiny_llama3, tables[0], tmp_path / "run"), capsys)
     assert "loss became nan at step 1; no checkpoint had been saved, so the run folder was removed" in message
     assert not (tmp_path / "run").exists()

@@ -65,4 +65,6 @@ def test_non_finite_step_leaves_parameters_untouched(model_and_batches, monkeypa
     assert math.isfinite(loss) == (broken == "gradient")
     assert not math.isfinite(grad_norm)
     assert all(torch.equal(p, b) for p, b in zip(trainable(model), before))
-    assert all(p.grad is None for p in trainable(model)) and not optimizer.state
+    assert all(p.grad is None for p in trainable(model))
+    # skipped on the device: the moments stay zero (the step counts advance; the loop ends the run here)
+    assert all(not state["exp_avg"].any() and not state["exp_avg_sq"].any() for state in optimizer.state.values())

@@ -3,6 +3,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from data import Tokenized, collate, collate_line, pack_lines
@@ -31,7 +32,11 @@ class Rows:
                        weights=apply(self.weights), packing=packing)
 
     def to(self, device) -> "Rows":
-        return self.map(lambda t: t.to(device, non_blocking=True))
+        """On `device`; to a GPU through pinned memory, so that the copy need not wait for the work queued before it
+        (from pageable memory the host waits for the whole stream)."""
+        if torch.device(device).type == "cuda":
+            return self.map(lambda t: t.pin_memory().to(device, non_blocking=True))
+        return self.map(lambda t: t.to(device))
 
 
 def right_padded(tokens: Tensor, lengths: Tensor, labels: Tensor | None = None) -> Rows:

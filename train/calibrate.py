@@ -128,14 +128,20 @@ def decision_in_use(run_dir: Path, threshold: float | None = None, file: str = D
 
 def _check_decision(decision: dict, where: str) -> None:
     temperature, threshold = decision.get("temperature"), decision.get("threshold")
-    if not _is_number(temperature) or not temperature > 0:
+    if not is_number(temperature) or not temperature > 0:
         raise ValueError(f"{where}: 'temperature' must be a positive number, got {temperature!r}")
-    if not _is_number(threshold) or not 0 <= threshold <= 1:
+    if not is_number(threshold) or not 0 <= threshold <= 1:
         raise ValueError(f"{where}: 'threshold' must be a number in [0, 1], got {threshold!r}")
     if "consensus" in decision:
         from train.consensus import check_consensus  # consensus.py builds on this file
         check_consensus(decision["consensus"], where)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_number(value) -> bool:
+    """A finite JSON number (not a bool; an int too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

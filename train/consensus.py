@@ -10,7 +10,7 @@ A row alone with its question keeps the calibrated P(True) and the decision's th
 import numpy as np
 
 from data.answers import candidate_groups
-from train.calibrate import apply_temperature, fit_decision, fit_threshold, logit
+from train.calibrate import apply_temperature, fit_decision, fit_threshold, is_number, logit
 
 FEATURES = ("logit", "agree", "vote")
 MIN_ROWS = 20  # rows with peers, of both labels, needed to fit the regression
@@ -22,10 +22,11 @@ def consensus_features(p_true: np.ndarray, questions, answers) -> tuple[np.ndarr
     p_true = np.asarray(p_true, dtype=np.float64)
     question_ids, answer_ids = candidate_groups(questions, answers)
     candidates = np.bincount(question_ids)[question_ids]
-    given = answer_ids >= 0
-    same_answer = np.where(given, np.bincount(answer_ids[given], minlength=answer_ids.max() + 1)[answer_ids], 1)
-    p_on_answer = np.where(given, np.bincount(answer_ids[given], weights=p_true[given],
-                                              minlength=answer_ids.max() + 1)[answer_ids], p_true)
+    given, answer = answer_ids >= 0, np.maximum(answer_ids, 0)  # an empty answer (-1) counts alone
+    n_answers = int(answer_ids.max(initial=-1)) + 1
+    same_answer = np.where(given, np.bincount(answer[given], minlength=n_answers)[answer] if n_answers else 1, 1)
+    p_on_answer = np.where(given, np.bincount(answer[given], weights=p_true[given], minlength=n_answers)[answer]
+                           if n_answers else p_true, p_true)
     p_on_question = np.bincount(question_ids, weights=p_true)[question_ids]
     has_peers = candidates > 1
     agree = np.where(has_peers, (same_answer - 1) / np.maximum(candidates - 1, 1), 0.0)
@@ -84,9 +85,8 @@ def judge(p_true: np.ndarray, decision: dict, questions=None,
 def check_consensus(fitted, where: str) -> None:
     """ValueError naming `where` unless `fitted` is a consensus as fit_consensus returns it."""
     weights = fitted.get("weights") if isinstance(fitted, dict) else None
-    numbers = [fitted.get("bias"), fitted.get("threshold"), *map(weights.get, FEATURES)] if isinstance(weights, dict) \
-        else [None]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in numbers):
+    numbers = [fitted.get("bias"), fitted.get("threshold"), *weights.values()] if isinstance(weights, dict) else [None]
+    if not (isinstance(weights, dict) and set(weights) == set(FEATURES) and all(map(is_number, numbers))):
         raise ValueError(f"{where}: 'consensus' must hold finite 'weights' ({', '.join(FEATURES)}), 'bias' and "
                          f"'threshold', got {fitted!r}")
     if not 0 <= fitted["threshold"] <= 1:

@@ -15,7 +15,7 @@ from common.errors import UserError
 from common.files import atomic_folder, unwritable_ancestor, write_json
 from data import read_table, split_train_val, table_labels
 from train.calibrate import DECISION, apply_temperature, decision_in_use, save_decision
-from train.consensus import fit_judge, judge
+from train.consensus import FEATURES, fit_judge, judge
 from train.infer import TrainedRun, open_run, score_table
 from train.metrics import ECE_BINS, best_of_n, binary_metrics, reliability_bins, roc_curve
 from train.runfolder import RunFolder, file_sha256
@@ -68,7 +68,7 @@ def evaluate(args: Namespace) -> Path:
     if by_consensus.any():
         fitted = decision["consensus"]
         report["consensus"] = {"rows": int(by_consensus.sum()), "threshold": fitted["threshold"],
-                               "weights": fitted["weights"], "bias": fitted["bias"]}
+                               "weights": {f: fitted["weights"][f] for f in FEATURES}, "bias": fitted["bias"]}
         report["model_alone"] = table_metrics(p_alone, labels, decision["threshold"], groups)
     if args.by:
         values = df[args.by].to_numpy()

@@ -17,6 +17,7 @@ from common.errors import Interrupted, UserError
 from common.files import append_jsonl, atomic_write, read_json_lines, write_json
 from data import (Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val, table_labels,
                   tokenize_table)
+from data.answers import question_key
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
 from train.batch import Rows, packed_rows, padded_rows
@@ -35,7 +36,7 @@ from train.runfolder import RunFolder, check_new_run_path, file_sha256, manifest
 from train.runlog import RunLog
 from train.schedule import lr_at, total_steps
 from train.setup import Base, pick_device, resolve_base
-from train.step import optimizer_step, zero_grad
+from train.step import launch_optimizer_step, zero_grad
 from train.stream import StepStream
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
@@ -63,6 +64,21 @@ def default_pack_tokens(device: torch.device, hidden_size: int, step_tokens: flo
     or a CPU (where a larger batch outgrows the caches) and 16384 for a small one on a GPU; at least --max-len."""
     cap = 16384 if device.type == "cuda" and hidden_size < 2048 else 4096 if device.type == "cuda" else 2048
     return max(max_len, min(cap, padded_length(int(1.25 * step_tokens), 512)))
+
+
+def whole_questions(df: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
+                    say: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The validation rows' questions and answers, for fitting the consensus of a question's candidates. A question
+    that also has candidates among the training rows has only part of them here, so its rows count as questions
+    of their own, kept out of the fit (a --group-col keeps a question's candidates on one side)."""
+    keys = np.array([question_key(q) for q in df["question"]], dtype=object)
+    split = np.isin(keys[val_idx], list(set(keys[train_idx])))
+    if say and split.any():
+        print(f"note: {int(split.sum())} validation rows ask questions that training rows ask too; the consensus of "
+              f"answers is fitted without them (pass --group-col to keep a question's candidates on one side)")
+    questions = df["question"].to_numpy()[val_idx].astype(object)
+    questions[split] = [f"\x00split {i}" for i in np.flatnonzero(split)]  # a question of its own each
+    return questions, df["answer"].to_numpy()[val_idx]
 
 
 def trim_metrics(metrics: Path, step: int) -> None:
@@ -166,7 +182,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         raise UserError(f"{data_path}: {len(train_idx)} training rows for {world.size} processes (each needs rows)")
     table = tokenize_table(df, base.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), table_labels(df)[val_idx]
-    val_candidates = df["question"].to_numpy()[val_idx], df["answer"].to_numpy()[val_idx]  # for the consensus
+    val_candidates = whole_questions(df, train_idx, val_idx, world.main)
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
     step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
     args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, step_tokens, args.max_len)
@@ -326,47 +342,73 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     started = time.perf_counter() - progress["wall_s"]
     metrics = {}
     stop.deferred = True  # from here a signal stops the loop at the next step boundary, with a checkpoint
+    pipelined = not scaler.enabled  # fp16's next step needs this one's loss scale, so it waits for each step
+    last_finished = started
+
+    def launch(step: int) -> dict:
+        """Queues optimizer step `step + 1` on the device; returns what finishing it needs."""
+        lr = lr_at(step, args.lr, min(args.warmup_steps, last_step), last_step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        launched_at = time.perf_counter()
+        batches = next(stream)
+        micro_batches = [rows.to(device) for rows in step_rows(batches)]
+        with attention_backends():
+            pending = fast.run(
+                lambda: launch_optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
+                                              args.max_grad_norm, fast.graphs, dtype, scaler, sync,
+                                              step_rows=sum(len(rows) for rows in batches)),
+                reset=lambda: zero_grad(optimizer, fast.graphs, sync))
+        return {"step": step + 1, "lr": lr, "pending": pending, "launched_at": launched_at, "epoch": stream.epoch,
+                "position": stream.position(), "tokens": int(sum(train_table.lengths[rows].sum() for rows in batches))}
+
+    def finish(job: dict) -> None:
+        """Waits for a launched step's loss and gradient norm: ends the run at a non-finite one (fp16: counts it
+        skipped), else records the step as done."""
+        nonlocal last_finished
+        loss, grad_norm = job["pending"].get()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not finite and scaler.enabled and not scaler.exhausted:  # fp16: skipped, at a lower loss scale
+            finite = None
+        elif not finite:
+            what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+            if scaler.exhausted:
+                what += f" at every fp16 loss scale ({scaler.skipped} steps skipped; try --precision fp32)"
+            kept = (f"the last good checkpoint is in {Path(args.out) / 'checkpoint'}" if saved_step is not None
+                    else "no checkpoint had been saved, so the run folder was removed")
+            raise UserError(f"{what} at step {job['step']}; {kept} (try a lower --lr)")
+        now = time.perf_counter()
+        progress.update(step=job["step"], wall_s=now - started, **job["position"])
+        if scaler.enabled:
+            progress["loss_scaler"] = scaler.state_dict()
+        tokens_per_s = job["tokens"] / (now - max(job["launched_at"], last_finished))  # the GPU's time for it
+        last_finished = now
+        record = {"step": job["step"], "loss": loss, "lr": job["lr"], "grad_norm": grad_norm,
+                  "tokens_per_s": round(tokens_per_s, 1), "epoch": job["epoch"]}
+        if scaler.enabled:
+            record.update(loss_scale=scaler.scale, skipped=finite is None)
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        if folder is not None:
+            append_jsonl(folder.metrics, record)
+            log.step(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{job['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        bar.update(1)
+
+    # The host launches step k + 1 before it waits for step k, so the GPU always has a step queued; evaluations,
+    # checkpoints and stops come between steps, with none in flight.
+    in_flight = None
     try:
         while progress["step"] < last_step and not patience_ran_out(progress, args.patience):
-            step = progress["step"]
-            lr = lr_at(step, args.lr, min(args.warmup_steps, last_step), last_step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_started = time.perf_counter()
-            batches = next(stream)
-            tokens_seen = int(sum(train_table.lengths[rows].sum() for rows in batches))  # on the host: no sync
-            micro_batches = [rows.to(device) for rows in step_rows(batches)]
-            with attention_backends():
-                loss, grad_norm = fast.run(
-                    lambda: optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
-                                           args.max_grad_norm, fast.graphs, dtype, scaler, sync,
-                                           step_rows=sum(len(rows) for rows in batches)),
-                    reset=lambda: zero_grad(optimizer, fast.graphs, sync))
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if not finite and scaler.enabled and not scaler.exhausted:  # fp16: skipped, at a lower loss scale
-                finite = None
-            elif not finite:
-                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
-                if scaler.exhausted:
-                    what += f" at every fp16 loss scale ({scaler.skipped} steps skipped; try --precision fp32)"
-                kept = (f"the last good checkpoint is in {Path(args.out) / 'checkpoint'}" if saved_step is not None
-                        else "no checkpoint had been saved, so the run folder was removed")
-                raise UserError(f"{what} at step {step + 1}; {kept} (try a lower --lr)")
-            progress.update(step=step + 1, wall_s=time.perf_counter() - started, **stream.position())
-            if scaler.enabled:
-                progress["loss_scaler"] = scaler.state_dict()
-            tokens_per_s = tokens_seen / (time.perf_counter() - step_started)
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": round(tokens_per_s, 1), "epoch": stream.epoch}
-            if scaler.enabled:
-                record.update(loss_scale=scaler.scale, skipped=finite is None)
-            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            if folder is not None:
-                append_jsonl(folder.metrics, record)
-                log.step(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            bar.update(1)
+            job = launch(progress["step"] + (in_flight is not None))
+            if in_flight is not None:
+                finish(in_flight)
+            in_flight = job
             stop_signal = int(world.max(stop.signal_number))  # every rank stops at the same step, naming one signal
+            boundary = job["step"] % args.eval_every == 0 or job["step"] == last_step
+            if pipelined and not boundary and not stop_signal:
+                continue
+            finish(in_flight)
+            in_flight = None
             if progress["step"] % args.eval_every == 0 or progress["step"] == last_step:
                 metrics = evaluate()
                 bar.write(f"step {progress['step']}: val accuracy {metrics['accuracy']:.4f} "

@@ -18,6 +18,10 @@ class AdamW(torch.optim.Optimizer):
     m and v are float32 and the math runs in float32 whatever the parameter dtype; a lower-precision
     parameter gets the float32 result cast back. Parameters whose grad is None are skipped and keep
     their own step count t.
+
+    `step(found_inf=t)` with a device scalar t: where t is non-zero the parameters and moments stay as they are,
+    decided on the device (no wait for it); the step counts t advance all the same (the loop ends a run at a
+    non-finite step, so no later step reads them).
     """
 
     def __init__(
@@ -39,16 +43,17 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             found_inf: torch.Tensor | None = None) -> torch.Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._update_group(group)
+            self._update_group(group, found_inf)
         return loss
 
-    def _update_group(self, group: dict[str, Any]) -> None:
+    def _update_group(self, group: dict[str, Any], found_inf: torch.Tensor | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -60,8 +65,11 @@ class AdamW(torch.optim.Optimizer):
         hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                      weight_decay=group["weight_decay"])
         members = list(zip(params, states))
-        _fused_update([(p, s) for p, s in members if p.dtype == p.grad.dtype == torch.float32], **hyper)
-        _foreach_update([(p, s) for p, s in members if not p.dtype == p.grad.dtype == torch.float32], **hyper)
+        _fused_update([(p, s) for p, s in members if p.dtype == p.grad.dtype == torch.float32], **hyper,
+                      found_inf=found_inf)
+        others = [(p, s) for p, s in members if not p.dtype == p.grad.dtype == torch.float32]
+        if others and (found_inf is None or not found_inf.item()):  # the foreach form can't skip on the device
+            _foreach_update(others, **hyper)
 
     def _state_of(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -88,7 +96,7 @@ Member = tuple[torch.Tensor, dict[str, Any]]  # a parameter and its optimizer st
 
 
 def _fused_update(members: list[Member], lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> None:
+                  weight_decay: float, found_inf: torch.Tensor | None = None) -> None:
     """Float32 parameters: torch's multi-tensor AdamW kernel, one call per device and step count. The same update
     as `_foreach_update` in a few kernel launches and no temporaries: for SmolLM2's 420 LoRA tensors the foreach
     form spent ~7 ms of host time a step, more than the GPU spent on the whole update."""
@@ -100,7 +108,7 @@ def _fused_update(members: list[Member], lr: float, beta1: float, beta2: float, 
         torch._fused_adamw_([p for p, _ in same], [p.grad for p, _ in same],
                             [s["exp_avg"] for _, s in same], [s["exp_avg_sq"] for _, s in same], [],
                             [step_tensor] * len(same), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                            eps=eps, amsgrad=False, maximize=False)
+                            eps=eps, amsgrad=False, maximize=False, found_inf=found_inf)
 
 
 def _foreach_update(members: list[Member], lr: float, beta1: float, beta2: float, eps: float,
