@@ -66,16 +66,18 @@ def default_pack_tokens(device: torch.device, hidden_size: int, step_tokens: flo
     return max(max_len, min(cap, padded_length(int(1.25 * step_tokens), 512)))
 
 
-def whole_questions(df: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray,
-                    say: bool) -> tuple[np.ndarray, np.ndarray]:
+def whole_questions(df: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray, say: bool,
+                    group_col: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The validation rows' questions and answers, for fitting the consensus of a question's candidates. A question
     that also has candidates among the training rows has only part of them here, so its rows count as questions
     of their own, kept out of the fit (a --group-col keeps a question's candidates on one side)."""
     keys = np.array([question_key(q) for q in df["question"]], dtype=object)
     split = np.isin(keys[val_idx], list(set(keys[train_idx])))
     if say and split.any():
-        print(f"note: {int(split.sum())} validation rows ask questions that training rows ask too; the consensus of "
-              f"answers is fitted without them (pass --group-col to keep a question's candidates on one side)")
+        why = (f"the same question text under another {group_col}" if group_col
+               else "pass --group-col to keep a question's candidates on one side")
+        print(f"note: {int(split.sum())} validation rows ask questions that training rows ask too ({why}); the "
+              f"consensus of answers is fitted without them")
     questions = df["question"].to_numpy()[val_idx].astype(object)
     questions[split] = [f"\x00split {i}" for i in np.flatnonzero(split)]  # a question of its own each
     return questions, df["answer"].to_numpy()[val_idx]
@@ -182,7 +184,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         raise UserError(f"{data_path}: {len(train_idx)} training rows for {world.size} processes (each needs rows)")
     table = tokenize_table(df, base.tokenizer, template, args.max_len, cache_dir=cache_dir() / "tokens")
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), table_labels(df)[val_idx]
-    val_candidates = whole_questions(df, train_idx, val_idx, world.main)
+    val_candidates = whole_questions(df, train_idx, val_idx, world.main, args.group_col)
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
     step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
     args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, step_tokens, args.max_len)
@@ -343,7 +345,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     metrics = {}
     stop.deferred = True  # from here a signal stops the loop at the next step boundary, with a checkpoint
     pipelined = not scaler.enabled  # fp16's next step needs this one's loss scale, so it waits for each step
-    last_finished = started
+    last_done = started  # when the last step's values reached the host
 
     def launch(step: int) -> dict:
         """Queues optimizer step `step + 1` on the device; returns what finishing it needs."""
@@ -365,7 +367,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     def finish(job: dict) -> None:
         """Waits for a launched step's loss and gradient norm: ends the run at a non-finite one (fp16: counts it
         skipped), else records the step as done."""
-        nonlocal last_finished
+        nonlocal last_done
         loss, grad_norm = job["pending"].get()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if not finite and scaler.enabled and not scaler.exhausted:  # fp16: skipped, at a lower loss scale
@@ -377,12 +379,13 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
             kept = (f"the last good checkpoint is in {Path(args.out) / 'checkpoint'}" if saved_step is not None
                     else "no checkpoint had been saved, so the run folder was removed")
             raise UserError(f"{what} at step {job['step']}; {kept} (try a lower --lr)")
-        now = time.perf_counter()
-        progress.update(step=job["step"], wall_s=now - started, **job["position"])
+        progress.update(step=job["step"], wall_s=time.perf_counter() - started, **job["position"])
         if scaler.enabled:
             progress["loss_scaler"] = scaler.state_dict()
-        tokens_per_s = job["tokens"] / (now - max(job["launched_at"], last_finished))  # the GPU's time for it
-        last_finished = now
+        # from its launch, or, launched while the previous step was still running, from that step's end
+        done = job["pending"].done_at
+        tokens_per_s = job["tokens"] / max(done - max(job["launched_at"], last_done), 1e-9)
+        last_done = done
         record = {"step": job["step"], "loss": loss, "lr": job["lr"], "grad_norm": grad_norm,
                   "tokens_per_s": round(tokens_per_s, 1), "epoch": job["epoch"]}
         if scaler.enabled:

@@ -2,6 +2,7 @@
 queues the step on the device without waiting for it, so that the host can prepare the next while the GPU works;
 `optimizer_step` waits for its loss and gradient norm."""
 import math
+import time
 from functools import partial
 
 import torch
@@ -34,26 +35,28 @@ def graphed_backward(model: nn.Module, params: list[Tensor], label_ids: Tensor, 
 
 class PendingStep:
     """A launched step's (loss, gradient norm before clipping), on their way to the host: copied into pinned memory
-    behind the step's work, so that `get` waits for this step alone, not for work queued after it."""
+    behind the step's work, so that `get` waits for this step alone, not for work queued after it. `done_at`: the
+    perf_counter time the values were known on the host (on a CPU, at once; on a GPU, when `get` had them)."""
 
     def __init__(self, loss: Tensor, grad_norm: Tensor):
         values = torch.stack([loss.float(), grad_norm.to(loss.device).float()])
-        self.ready = None
+        self.ready, self.done_at = None, None
         if values.is_cuda:
             self.host = torch.empty(2, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
         else:
-            self.host = values
+            self.host, self.done_at = values, time.perf_counter()
 
     @classmethod
     def known(cls, loss: float, grad_norm: float) -> "PendingStep":
         return cls(torch.tensor(loss), torch.tensor(grad_norm))
 
     def get(self) -> tuple[float, float]:
-        if self.ready is not None:
+        if self.done_at is None:
             self.ready.synchronize()
+            self.done_at = time.perf_counter()
         loss, grad_norm = self.host.tolist()
         return loss, grad_norm
 
