@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import run
@@ -152,6 +153,19 @@ def test_a_nan_at_the_first_step_leaves_no_stale_folder(tiny_llama3, tables, tmp
     message = main_error(train_argv(tiny_llama3, tables[0], tmp_path / "run"), capsys)
     assert "loss became nan at step 1; no checkpoint had been saved, so the run folder was removed" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_names_the_step_being_launched_with_another_in_flight(tiny_llama3, tables, tmp_path,
+                                                                            monkeypatch, capsys):
+    real, launches = train.loop.launch_optimizer_step, []
+
+    def launch(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 4:  # step 4, launched while step 3 is still running
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train.loop, "launch_optimizer_step", launch)
+    assert "CUDA out of memory at step 4:" in main_error(train_argv(tiny_llama3, tables[0], tmp_path / "run"), capsys)
 
 
 def test_infer_checks_its_out_before_scoring(finished_run, tables, tmp_path, monkeypatch, capsys):

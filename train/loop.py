@@ -353,6 +353,9 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         for group in optimizer.param_groups:
             group["lr"] = lr
         launched_at = time.perf_counter()
+        on_device = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if on_device is not None:  # reached once the device is done with what came before: the step's start
+            on_device.record()
         batches = next(stream)
         micro_batches = [rows.to(device) for rows in step_rows(batches)]
         with attention_backends():
@@ -361,8 +364,9 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
                                               args.max_grad_norm, fast.graphs, dtype, scaler, sync,
                                               step_rows=sum(len(rows) for rows in batches)),
                 reset=lambda: zero_grad(optimizer, fast.graphs, sync))
-        return {"step": step + 1, "lr": lr, "pending": pending, "launched_at": launched_at, "epoch": stream.epoch,
-                "position": stream.position(), "tokens": int(sum(train_table.lengths[rows].sum() for rows in batches))}
+        return {"step": step + 1, "lr": lr, "pending": pending, "launched_at": launched_at, "started": on_device,
+                "epoch": stream.epoch, "position": stream.position(),
+                "tokens": int(sum(train_table.lengths[rows].sum() for rows in batches))}
 
     def finish(job: dict) -> None:
         """Waits for a launched step's loss and gradient norm: ends the run at a non-finite one (fp16: counts it
@@ -382,9 +386,12 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         progress.update(step=job["step"], wall_s=time.perf_counter() - started, **job["position"])
         if scaler.enabled:
             progress["loss_scaler"] = scaler.state_dict()
-        # from its launch, or, launched while the previous step was still running, from that step's end
-        done = job["pending"].done_at
-        tokens_per_s = job["tokens"] / max(done - max(job["launched_at"], last_done), 1e-9)
+        done, ready = job["pending"].done_at, job["pending"].ready
+        if ready is not None:  # on the device's clock, from its launch or the previous step's end, the later
+            seconds = job["started"].elapsed_time(ready) / 1e3
+        else:  # known on the host as it finished (a CPU; fp16, which waits for each step)
+            seconds = done - max(job["launched_at"], last_done)
+        tokens_per_s = job["tokens"] / max(seconds, 1e-9)
         last_done = done
         record = {"step": job["step"], "loss": loss, "lr": job["lr"], "grad_norm": grad_norm,
                   "tokens_per_s": round(tokens_per_s, 1), "epoch": job["epoch"]}
@@ -400,9 +407,11 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     # The host launches step k + 1 before it waits for step k, so the GPU always has a step queued; evaluations,
     # checkpoints and stops come between steps, with none in flight.
     in_flight = None
+    launching = progress["step"]  # 0-based: the step being launched
     try:
         while progress["step"] < last_step and not patience_ran_out(progress, args.patience):
-            job = launch(progress["step"] + (in_flight is not None))
+            launching = progress["step"] + (in_flight is not None)
+            job = launch(launching)
             if in_flight is not None:
                 finish(in_flight)
             in_flight = job
@@ -427,7 +436,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
                 raise Interrupted(f"{name} at step {progress['step']}: checkpoint saved; continue with "
                                   f"`python run.py train --resume {args.out}`", signal.Signals(stop_signal))
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA out of memory at step {progress['step'] + 1}: {OOM_HINT}") from None
+        raise UserError(f"CUDA out of memory at step {launching + 1}: {OOM_HINT}") from None
     finally:
         bar.close()
 

@@ -44,7 +44,7 @@ class PendingStep:
         if values.is_cuda:
             self.host = torch.empty(2, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
-            self.ready = torch.cuda.Event()
+            self.ready = torch.cuda.Event(enable_timing=True)  # the loop times the step on the device with it
             self.ready.record()
         else:
             self.host, self.done_at = values, time.perf_counter()
