@@ -23,10 +23,10 @@ def consensus_features(p_true: np.ndarray, questions, answers) -> tuple[np.ndarr
     question_ids, answer_ids = candidate_groups(questions, answers)
     candidates = np.bincount(question_ids)[question_ids]
     given, answer = answer_ids >= 0, np.maximum(answer_ids, 0)  # an empty answer (-1) counts alone
-    n_answers = int(answer_ids.max(initial=-1)) + 1
-    same_answer = np.where(given, np.bincount(answer[given], minlength=n_answers)[answer] if n_answers else 1, 1)
-    p_on_answer = np.where(given, np.bincount(answer[given], weights=p_true[given], minlength=n_answers)[answer]
-                           if n_answers else p_true, p_true)
+    n_answers = max(int(answer_ids.max(initial=-1)) + 1, 1)  # at least one bin, for a table of empty answers
+    same_answer = np.where(given, np.bincount(answer[given], minlength=n_answers)[answer], 1)
+    p_on_answer = np.where(given, np.bincount(answer[given], weights=p_true[given], minlength=n_answers)[answer],
+                           p_true)
     p_on_question = np.bincount(question_ids, weights=p_true)[question_ids]
     has_peers = candidates > 1
     agree = np.where(has_peers, (same_answer - 1) / np.maximum(candidates - 1, 1), 0.0)

@@ -72,7 +72,7 @@ def whole_questions(df: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray
     that also has candidates among the training rows has only part of them here, so its rows count as questions
     of their own, kept out of the fit (a --group-col keeps a question's candidates on one side)."""
     keys = np.array([question_key(q) for q in df["question"]], dtype=object)
-    split = np.isin(keys[val_idx], list(set(keys[train_idx])))
+    split = pd.Series(keys[val_idx]).isin(set(keys[train_idx])).to_numpy()  # hashed, not sorted
     if say and split.any():
         why = (f"the same question text under another {group_col}" if group_col
                else "pass --group-col to keep a question's candidates on one side")
