@@ -97,6 +97,8 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packing", choices=("on", "off"),
                         help="score rows laid end to end in lines of --batch-tokens (default: on with CUDA, off on a CPU)")
     parser.add_argument("--eager", action="store_true", help="no compiled blocks (default on CUDA: compiled)")
+    parser.add_argument("--fp8", choices=("on", "off"),
+                        help="the 4-bit base's products in FP8 (default: as the run trained, where this GPU has FP8)")
     parser.add_argument("--threshold", type=probability,
                         help="call an answer correct when its (calibrated) P(True) is at least this "
                              "(default: the run's decision.json, else 0.5)")
@@ -142,6 +144,9 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     tr.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                     help="frozen weights and autocast on CUDA (default: bf16 where the GPU has it, else fp16 with "
                          "dynamic loss scaling); a CPU trains in fp32")
+    tr.add_argument("--fp8", choices=("on", "off"), default="off",
+                    help="multiply by the frozen 4-bit base in FP8, with one scale per weight row and per token "
+                         "(GPUs of compute capability 8.9+: H100, L4, RTX 4090; a CPU emulates it); LoRA stays bf16")
     tr.add_argument("--loss", choices=("classifier", "lm"), default="classifier",
                     help="two-class loss on the label tokens, or the full-vocabulary LM loss")
     tr.add_argument("--grad-checkpoint", nargs="?", const=True, default=False, type=positive(int), metavar="N",

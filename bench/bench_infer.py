@@ -10,7 +10,7 @@ P(True) comes from the same two label-token logits.
 Target: >= 1.5x the stack's rows/s, same predictions.
 
     python bench/bench_infer.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both] [--rows 10000]
-        [--budgets 32768,65536] [--stack-batch 32]
+        [--budgets 32768,65536] [--stack-batch 32] [--fp8]
 """
 import sys
 from pathlib import Path
@@ -24,6 +24,7 @@ from bench.common import (DEV_CSV, checkpoint_path, clock, emit, env_info, imple
 from data import Tokenized, get_template, label_token_ids, read_table, tokenize_table  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama, load_tokenizer  # noqa: E402
+from model.fp8 import use_fp8  # noqa: E402
 from train.fastpath import FastPath  # noqa: E402
 from train.predict import attention_without_cudnn, autocast, predict_p_true  # noqa: E402
 
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--stack-batch", type=int, default=32, help="rows per batch for the stack")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank of the fresh adapter; 0 for the bare model")
     p.add_argument("--alpha", type=float, default=64)
+    p.add_argument("--fp8", action="store_true", help="ours, packed: the 4-bit base's products in FP8")
     p.add_argument("--tokenizer", help="Meta's Llama-3 tokenizer.model (default: the one llama-models ships)")
     args = p.parse_args()
     rows = args.rows or (64 if args.tiny else 10_000)
@@ -124,12 +126,13 @@ def main() -> None:
 
     lengths = table.lengths
     record = {"bench": "infer", "checkpoint": str(path), "device": str(device), "rows": rows, "lora_rank": args.rank,
+              "fp8": args.fp8,
               "tokens": int(lengths.sum()), "mean_tokens": round(float(lengths.mean()), 1),
               "max_tokens": int(lengths.max())}
     predictions = {}
     for impl in implementations(args):
         if impl == "ours":
-            model = load_llama(path, dtype=torch.bfloat16, device=device, quantize="nf4")
+            model = load_llama(path, dtype=torch.bfloat16, device=device, quantize="nf4", head_rows=label_ids.tolist())
             if args.rank:
                 apply_lora(model, args.rank, args.alpha, verbose=False)
             record["ours"] = {}
@@ -137,6 +140,8 @@ def main() -> None:
                 lambda t: ours_p_true(model, t, label_ids, tokenizer.pad_id, budgets[0], device, packed=False),
                 table, device)
             print(f"ours, unpacked eager, budget {budgets[0]}: {record['ours_unpacked_eager']}", file=sys.stderr)
+            if args.fp8:  # the packed runs below in FP8, compared with the bf16 one above
+                use_fp8(model)
             fast = FastPath(model, device, compile=device.type == "cuda")
             for budget in budgets:
                 predictions[budget], record["ours"][budget] = timed(

@@ -11,7 +11,7 @@ embeddings, norms and LoRA weights in fp32, so then the residual stream, attenti
 Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; without, >= 2.5x at <= half its peak.
 
     python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
-        [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5] [--compile] [--cuda-graphs]
+        [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5] [--compile] [--cuda-graphs] [--fp8]
         [--stack-autocast on|off|both]
 """
 import contextlib
@@ -28,6 +28,7 @@ from bench.common import (checkpoint_path, clock, emit, env_info, implementation
                           trainable_parameters)
 from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama  # noqa: E402
+from model.fp8 import use_fp8  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
 from train.batch import right_padded  # noqa: E402
@@ -49,7 +50,9 @@ def parse_config(text: str) -> tuple[int, int, bool | int]:
 
 
 def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, torch.optim.Optimizer, int]:
-    model = load_llama(path, dtype=torch.bfloat16, device=device, quantize="nf4")
+    model = load_llama(path, dtype=torch.bfloat16, device=device, quantize="nf4", head_rows=LABEL_IDS)
+    if args.fp8:
+        use_fp8(model)
     apply_lora(model, args.rank, args.alpha, verbose=False)
     if args.compile:
         model.compile_blocks()
@@ -148,6 +151,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each block (run.py train --compile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="ours: replay each step's forward and backward as a CUDA graph (run.py train's CUDA-graph path)")
+    p.add_argument("--fp8", action="store_true", help="ours: the 4-bit base multiplies in FP8 (run.py train --fp8)")
     p.add_argument("--stack-autocast", choices=("on", "off", "both"), default="on",
                    help="time the stack under bf16 autocast (on), without it (off), or both")
     p.add_argument("--rank", type=int, default=64)
@@ -162,7 +166,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     record = {"bench": "train", "checkpoint": str(path), "device": str(device), "compile": args.compile,
-              "cuda_graphs": args.cuda_graphs, "rank": args.rank,
+              "cuda_graphs": args.cuda_graphs, "fp8": args.fp8, "rank": args.rank,
               "alpha": args.alpha, "warmup": args.warmup, "steps": args.steps}
     for impl in implementations(args):
         record[impl] = run_implementation(impl, path, device, vocab, configs, args)

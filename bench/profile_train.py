@@ -1,7 +1,7 @@
 """Where a QLoRA training step spends its GPU time: kernel time by kind (GEMM, 4-bit dequantize, attention,
 fused elementwise, copies) beside the step's wall time (the gap is the GPU waiting on the host), for our path on the 8B shape, one JSON line, plus torch.profiler's top kernels on stderr.
 
-    python bench/profile_train.py [--checkpoint DIR] [--tiny] [--compile] [--configs 8x512:ckpt] [--steps 2]
+    python bench/profile_train.py [--checkpoint DIR] [--tiny] [--compile] [--cuda-graphs] [--fp8] [--configs 8x512:ckpt] [--steps 2]
 """
 import sys
 from collections import defaultdict
@@ -36,6 +36,8 @@ def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="8x512:ckpt", help="comma-separated BxT:ckpt|ckptN|nockpt")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="the 4-bit base multiplies in FP8")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--rank", type=int, default=64)
@@ -45,7 +47,8 @@ def main() -> None:
     path, device = checkpoint_path(args), pick_device()
     vocab = LlamaConfig.from_json(path / "config.json").vocab_size
     set_checkpointing, step, _, _ = ours(path, device, args)
-    record = {"bench": "profile_train", "compile": args.compile, "steps": args.steps}
+    record = {"bench": "profile_train", "compile": args.compile, "cuda_graphs": args.cuda_graphs, "fp8": args.fp8,
+              "steps": args.steps}
     for config in args.configs.split(","):
         batch, seq, checkpointing = parse_config(config)
         set_checkpointing(checkpointing)

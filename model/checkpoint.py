@@ -1,6 +1,6 @@
 """Hugging Face-layout checkpoints: `config.json` plus (sharded) safetensors, read tensor by tensor."""
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -58,9 +58,12 @@ def load_llama(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     quantize: str | None = None,
+    head_rows: Sequence[int] | None = None,
 ) -> Llama:
     """Loads a Hugging Face-layout Llama folder; with quantize="nf4" each projection becomes a bitsandbytes
-    4-bit linear as it is read, so the full-precision model never exists in memory."""
+    4-bit linear as it is read, so the full-precision model never exists in memory. `head_rows` keeps only those
+    rows of an untied lm_head, in that order (the label tokens a classifier reads): for the 8B, 1 GB of bf16 head
+    the classifier never uses stays off the device."""
     if quantize not in (None, "nf4"):
         raise UserError(f"quantize={quantize!r} is not supported (use None or 'nf4')")
     path = Path(path)
@@ -78,6 +81,10 @@ def load_llama(
         if tuple(tensor.shape) != expected[name]:
             raise UserError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
         module_name, _, kind = name.rpartition(".")
+        if name == "lm_head.weight" and head_rows is not None and not config.tie_word_embeddings:
+            model.lm_head.out_features = len(head_rows)
+            model.head_rows = tuple(head_rows)
+            tensor = tensor[list(head_rows)]
         if quantize == "nf4" and kind == "weight" and module_name.rsplit(".", 1)[-1] in PROJECTIONS:
             bias = model.get_submodule(module_name).bias  # read already, or still on meta and set when read
             _set_tensor(model, module_name, quantize_nf4(tensor.to(device=device, dtype=dtype), dtype, bias))

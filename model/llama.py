@@ -184,6 +184,7 @@ class Llama(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head_rows: tuple[int, ...] | None = None  # the vocabulary rows lm_head keeps, when not all
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -222,6 +223,11 @@ class Llama(nn.Module):
             return x
         return x.squeeze(1) if packing is None else x.squeeze(0)
 
+    def head_weight(self, token_ids: Tensor) -> Tensor:
+        """The lm_head rows [n, D] of `token_ids`. A head loaded with only some rows (load_llama's head_rows) is
+        those rows, and `token_ids` must be the same tokens in the same order."""
+        return self.lm_head.weight if self.head_rows is not None else self.lm_head.weight[token_ids]
+
     def forward(self, tokens: Tensor) -> Tensor:
-        """Logits [B, T, V]."""
+        """Logits [B, T, V] (over head_rows only, when loaded with them)."""
         return self.lm_head(self.hidden_states(tokens))

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.fp8 import fp8_linear
+
 
 @functools.cache  # one class for every layer, so that one compiled graph serves all the blocks
 def _nf4_linear_class() -> type[nn.Module]:
@@ -17,12 +19,18 @@ def _nf4_linear_class() -> type[nn.Module]:
         when a row is not a whole number of blocks. There the weight is dequantized in the standard layout."""
 
         def forward(self, x: Tensor) -> Tensor:
+            if getattr(self, "fp8_scale", None) is not None:  # switched by model.fp8.use_fp8
+                return fp8_linear(x, self)
             if x.device.type != "cpu":
                 return super().forward(x)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, dequantize_nf4(self, x.dtype), bias)
 
     return NF4Linear
+
+
+def is_nf4(module: nn.Module) -> bool:
+    return isinstance(module, _nf4_linear_class())
 
 
 def quantize_nf4(weight: Tensor, compute_dtype: torch.dtype = torch.bfloat16, bias: Tensor | None = None) -> nn.Module:

@@ -145,6 +145,24 @@ def test_label_logits_are_float32(tiny_checkpoint, autocast):
     assert torch.equal(logits, hidden.float() @ model.lm_head.weight[label_ids].float().T)
 
 
+def test_head_rows_keep_only_the_label_rows(tiny_checkpoint, tmp_path):
+    """A classifier's model holds two rows of an untied head, and reads the same logits as the whole head gives;
+    a tied head is the embedding, which stays whole."""
+    full = load_llama(tiny_checkpoint, dtype=torch.float32)
+    label_ids = torch.tensor([42, 17])
+    trimmed = load_llama(tiny_checkpoint, dtype=torch.float32, head_rows=label_ids.tolist())
+    assert trimmed.lm_head.weight.shape == (2, 64) and trimmed.head_rows == (42, 17)
+    assert torch.equal(trimmed.lm_head.weight, full.lm_head.weight[label_ids])
+    tokens, lengths = torch.randint(0, 300, (3, 10)), torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        rows = right_padded(tokens, lengths)
+        torch.testing.assert_close(label_logits(trimmed, rows, label_ids), label_logits(full, rows, label_ids))
+        assert trimmed(tokens).shape == (3, 10, 2)
+    tied = make_hf_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    model = load_llama(tied, dtype=torch.float32, head_rows=label_ids.tolist())
+    assert model.head_rows is None and model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def _config_error(checkpoint, tmp_path, edit) -> str:
     path = shutil.copytree(checkpoint, tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())

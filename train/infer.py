@@ -15,6 +15,7 @@ from common.files import atomic_write, read_json, unwritable_ancestor, write_jso
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
+from model.fp8 import fp8_unavailable
 from train.calibrate import DECISION, decision_in_use
 from train.consensus import judge
 from train.distributed import World, joined_world, scoring_share
@@ -75,6 +76,7 @@ class TrainedRun:
     device: torch.device
     pack: bool
     eager: bool
+    fp8: bool
     decision_file: str = DECISION  # in `path`
 
     def files(self) -> list[Path]:
@@ -101,18 +103,24 @@ def open_run(args: Namespace) -> TrainedRun:
     config = read_run_config(run_dir / CONFIG, unfinished)
     flags = Namespace(**config["flags"])
     return TrainedRun(run_dir, adapter_dir, config, get_template(flags.template), args.model or flags.model,
-                      *_scoring(args, flags.max_len))
+                      *_scoring(args, flags.max_len, getattr(flags, "fp8", "off")))
 
 
-def _scoring(args: Namespace, run_max_len: int) -> tuple[int, int, torch.device, bool, bool]:
-    """max_len, batch_tokens, device, pack and eager: the scoring flags, defaulting to the run's."""
+def _scoring(args: Namespace, run_max_len: int, run_fp8: str = "off") -> tuple[int, int, torch.device, bool, bool,
+                                                                                bool]:
+    """max_len, batch_tokens, device, pack, eager and fp8: the scoring flags, defaulting to the run's (FP8 only
+    where this device has it)."""
     max_len = getattr(args, "max_len", None) or run_max_len
     device = pick_device()
     batch_tokens = args.batch_tokens or max(default_batch_tokens(device), max_len)
     if batch_tokens < max_len:
         raise UserError(f"--batch-tokens {batch_tokens} is below --max-len {max_len}: the longest row would not fit")
     pack = (getattr(args, "packing", None) or default_packing(device)) == "on"
-    return max_len, batch_tokens, device, pack, getattr(args, "eager", False)
+    fp8 = getattr(args, "fp8", None)
+    if fp8 is None and run_fp8 == "on" and (reason := fp8_unavailable(device)):
+        print(f"note: the run trained with FP8 base products, but {reason}: scoring in {device.type}'s usual precision")
+        run_fp8 = "off"
+    return max_len, batch_tokens, device, pack, getattr(args, "eager", False), (fp8 or run_fp8) == "on"
 
 
 def open_export(args: Namespace) -> TrainedRun:
@@ -131,7 +139,7 @@ def score_table(run: TrainedRun, df: pd.DataFrame, world: World = World()) -> np
     """P(True) for every row of `df` (from read_table, with the run's template) by the run's adapter, in order.
     Under torchrun each rank scores its share of the rows, and every rank gets all the scores."""
     base = resolve_base(run.model, run.config["flags"]["quant"], run.template, run.device,
-                        run.config["flags"].get("precision") if run.device.type == "cuda" else None)
+                        run.config["flags"].get("precision") if run.device.type == "cuda" else None, fp8=run.fp8)
     trained = run.config.get("manifest", {})
     trained_on = trained.get("device", "").split(":")[0]
     if world.main and (trained_on not in ("", run.device.type) or trained.get("precision") != base.precision):

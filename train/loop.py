@@ -169,7 +169,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         tables = f"{data_path} or {args.extra_data}" if args.extra_data else str(data_path)
         raise UserError(f"--resume {args.out}: {tables} changed since the run started (its SHA-256 differs); "
                         "the split and data order would change — start a new run")
-    base = resolve_base(args.model, args.quant, template, device, args.precision)
+    base = resolve_base(args.model, args.quant, template, device, args.precision, fp8=args.fp8 == "on")
     args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)
     if extra is not None:  # training rows only: validation stays rows of --data, and no question of it is trained on
@@ -243,7 +243,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     """The loop; `folder` and `log` exist on rank 0 alone, which writes everything."""
     device = base.device
     torch.manual_seed(args.seed)
-    model = base.load_model()
+    model = base.load_model(classifier_only=args.loss == "classifier")
     n_blocks = len(model.model.layers)
     top_blocks = list(range(max(0, n_blocks - args.lora_layers), n_blocks)) if args.lora_layers else None
     model = apply_lora(model, args.rank, args.alpha, dropout=args.lora_dropout, layers=top_blocks)

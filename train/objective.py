@@ -16,7 +16,7 @@ def label_logits(model: nn.Module, rows: Rows, label_ids: Tensor) -> Tensor:
     The small product stays float32 even under autocast: bf16 logits would tie and blur the ranking (AUROC)."""
     hidden = last_token_hidden(model, rows)
     with torch.autocast(hidden.device.type, enabled=False):
-        return hidden.float() @ model.lm_head.weight[label_ids].float().T
+        return hidden.float() @ model.head_weight(label_ids).float().T
 
 
 def loss_sum(model: nn.Module, rows: Rows, label_ids: Tensor, kind: str = "classifier") -> Tensor:

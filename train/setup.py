@@ -10,6 +10,7 @@ from common.launch import launched_ranks, local_rank
 from data import Template, label_token_ids
 from model import LlamaConfig, load_llama, load_tokenizer
 from model.default import default_model_path
+from model.fp8 import fp8_unavailable, use_fp8
 from train.precision import Precision, resolve_precision
 
 
@@ -25,15 +26,22 @@ class Base:
     numerics: Precision  # what autocast computes in
     dtype: torch.dtype  # of the frozen weights
     hidden_size: int
+    fp8: bool = False  # the 4-bit base's products in FP8 (model.fp8)
 
     @property
     def precision(self) -> str:
         autocast = "no autocast" if self.numerics.name == "fp32" else f"{self.numerics.name} autocast"
-        return f"{str(self.dtype).removeprefix('torch.')} weights, {autocast}"
+        fp8 = ", FP8 base products" if self.fp8 else ""
+        return f"{str(self.dtype).removeprefix('torch.')} weights, {autocast}{fp8}"
 
-    def load_model(self) -> nn.Module:
-        return load_llama(self.model_path, dtype=self.dtype, device=self.device,
-                          quantize=None if self.quantization == "none" else self.quantization)
+    def load_model(self, classifier_only: bool = True) -> nn.Module:
+        """The frozen base on the device; `classifier_only` keeps just the label tokens' rows of the lm_head."""
+        model = load_llama(self.model_path, dtype=self.dtype, device=self.device,
+                           quantize=None if self.quantization == "none" else self.quantization,
+                           head_rows=self.label_ids.tolist() if classifier_only else None)
+        if self.fp8:
+            use_fp8(model)
+        return model
 
 
 def pick_device() -> torch.device:
@@ -44,10 +52,10 @@ def pick_device() -> torch.device:
 
 
 def resolve_base(model: str | None, quant: str | None, template: Template, device: torch.device,
-                 precision: str | None = None) -> Base:
+                 precision: str | None = None, fp8: bool = False) -> Base:
     """The tokenizer and label tokens of `model` (default: the packaged SmolLM2), and the quantization, precision
     and dtype its weights will have on `device`: NF4 on CUDA unless `quant` says otherwise; `precision` as
-    train.precision.resolve_precision reads it. Reads no weights."""
+    train.precision.resolve_precision reads it; `fp8`: the NF4 base's products in FP8. Reads no weights."""
     model_path = Path(model).absolute() if model else default_model_path()
     if not model_path.is_dir():
         raise UserError(f"--model {model_path}: model folder does not exist")
@@ -58,5 +66,10 @@ def resolve_base(model: str | None, quant: str | None, template: Template, devic
     numerics = resolve_precision(precision, device)
     # On a CPU 4-bit weights dequantize to bf16, the compute dtype bitsandbytes' CPU path expects.
     dtype = torch.bfloat16 if device.type == "cpu" and quantization == "nf4" else numerics.compute_dtype
+    if fp8 and quantization != "nf4":
+        raise UserError("--fp8 on: FP8 products are for the 4-bit base, and this one is --quant none")
+    if fp8 and (reason := fp8_unavailable(device)):
+        raise UserError(f"--fp8 on: {reason}")
     label_ids = torch.tensor([false_id, true_id], device=device)
-    return Base(device, model_path, tokenizer, template, label_ids, quantization, numerics, dtype, config.hidden_size)
+    return Base(device, model_path, tokenizer, template, label_ids, quantization, numerics, dtype, config.hidden_size,
+                fp8)

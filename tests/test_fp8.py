@@ -1,0 +1,202 @@
+"""FP8 matmuls for the frozen 4-bit base (model/fp8.py): the float8 weight is the NF4 weight to e4m3's rounding,
+the products are exactly what their float8 operands and scales say (an emulation in float32), and the whole is
+the NF4 layer's float product to FP8's tolerance — forward and input gradient, on the CPU and on an FP8 GPU."""
+import json
+
+import pytest
+import torch
+
+from lora import apply_lora, lora_layers
+from model import load_llama
+from model.fp8 import (E4M3_MAX, block_absmax, fp8_eligible, fp8_linear, fp8_unavailable, nf4_parts, nf4_to_fp8,
+                       quantize_rows, use_fp8)
+from model.nf4 import dequantize_nf4, is_nf4, quantize_nf4
+
+pytest.importorskip("bitsandbytes")
+HALF_ULP = 2.0 ** -4  # e4m3 keeps 3 mantissa bits
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and fp8_unavailable(torch.device("cuda")) is None else [])
+
+
+def nf4_layer(out_features: int, in_features: int, device: str, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+    weight[3] *= 40  # rows of very different size: each gets its own scale
+    weight[5, :64] *= 1e-3  # and a block far below the rest of its row
+    holder = torch.nn.Module()
+    holder.layer = quantize_nf4(weight.to(device, torch.bfloat16), torch.bfloat16)
+    assert use_fp8(holder) == 1
+    return holder.layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_weight_is_the_nf4_weight_to_e4m3_rounding(device):
+    layer = nf4_layer(96, 256, device)
+    truth = dequantize_nf4(layer, torch.float32)
+    weight8 = nf4_to_fp8(nf4_parts(layer), layer.fp8_scale)
+    scale = layer.fp8_scale[:, None]
+    assert weight8.dtype == torch.float8_e4m3fn and weight8.shape == (96, 256)
+    assert torch.equal(weight8.float().abs().amax(1), torch.full((96,), E4M3_MAX, device=device))  # rows fill e4m3
+    error = (weight8.float() * scale - truth).abs()
+    assert (error <= HALF_ULP * truth.abs() + scale * 2.0 ** -10 + 1e-12).all()  # normals; subnormals' step 2^-9
+    transposed = nf4_to_fp8(nf4_parts(layer), layer.fp8_scale, transpose=True)
+    assert transposed.shape == (256, 96) and transposed.is_contiguous()
+    assert torch.equal(transposed.float(), weight8.float().t())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantize_rows(device):
+    x = torch.randn(7, 64, device=device) * torch.logspace(-3, 3, 7, device=device)[:, None]
+    x[2] = 0
+    x8, scale = quantize_rows(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (7, 1) and scale.dtype == torch.float32
+    assert not x8.float().isnan().any()
+    assert torch.equal(x8.float()[2], torch.zeros(64, device=device))
+    assert torch.equal(x8.float().abs().amax(1)[[0, 1, 3, 4, 5, 6]], torch.full((6,), E4M3_MAX, device=device))
+    error = (x8.float() * scale - x).abs()
+    assert (error <= HALF_ULP * x.abs() + scale * 2.0 ** -10).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_products_are_those_of_their_float8_operands(device):
+    """The scaled products (layouts, which scale goes where) against float32 arithmetic on the same float8 values."""
+    layer = nf4_layer(96, 256, device)
+    x = torch.randn(2, 37, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y = fp8_linear(x, layer)
+    assert y.shape == (2, 37, 96) and y.dtype == torch.bfloat16
+    grad = torch.randn(2, 37, 96, device=device, dtype=torch.bfloat16)
+    y.backward(grad)
+
+    weight8, scale = nf4_to_fp8(nf4_parts(layer), layer.fp8_scale).float(), layer.fp8_scale
+    x8, x_scale = quantize_rows(x.detach().reshape(-1, 256))
+    assert_product(y.reshape(-1, 96), x8.float() * x_scale, (weight8 * scale[:, None]).t())
+    grad8, grad_scale = quantize_rows(grad.reshape(-1, 96).float() * scale)
+    assert_product(x.grad.reshape(-1, 256), grad8.float() * grad_scale, weight8)
+
+
+def assert_product(actual: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """actual = a @ b to bf16's rounding, plus (on the GPU) float8 tensor cores' coarser accumulation: a small
+    fraction of the sum of the terms' sizes."""
+    expected = a @ b
+    allowed = 2 ** -8 * expected.abs() + 2 ** -9 * (a.abs() @ b.abs())
+    assert ((actual.float() - expected).abs() <= allowed).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_linear_is_the_nf4_product_to_fp8_tolerance(device):
+    layer = nf4_layer(96, 256, device)
+    weight = dequantize_nf4(layer, torch.float32)
+    x = torch.randn(64, 256, device=device, requires_grad=True)
+    y = fp8_linear(x, layer)
+    assert y.dtype == torch.float32
+    grad = torch.randn(64, 96, device=device)
+    y.backward(grad)
+    reference_x = x.detach().requires_grad_()
+    reference = reference_x @ weight.t()
+    reference.backward(grad)
+    assert (y - reference).norm() / reference.norm() < 0.06  # about 0.04: e4m3 weights and activations
+    assert (x.grad - reference_x.grad).norm() / reference_x.grad.norm() < 0.06
+
+
+def test_only_layers_whose_rows_are_whole_blocks_switch(tiny_checkpoint):
+    """The tiny model's down projections read 160 inputs, 2.5 NF4 blocks a row: they keep bitsandbytes' path."""
+    model = load_llama(tiny_checkpoint, dtype=torch.bfloat16, quantize="nf4")
+    nf4 = {name: m for name, m in model.named_modules() if is_nf4(m)}
+    switched = {name for name, m in nf4.items() if fp8_eligible(m)}
+    assert switched and all("down_proj" not in name for name in switched)
+    assert use_fp8(model) == len(switched)
+    assert all(hasattr(m, "fp8_scale") == (name in switched) for name, m in nf4.items())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_model_in_fp8_tracks_its_bf16_twin(tiny_checkpoint, device):
+    """The loss and the LoRA gradients of a whole QLoRA model stay near those of the bf16 base."""
+    def run(fp8: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = load_llama(tiny_checkpoint, dtype=torch.bfloat16, device=device, quantize="nf4")
+        if fp8:
+            use_fp8(model)
+        apply_lora(model, 8, 16, verbose=False)
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        tokens = torch.randint(0, 300, (2, 24), device=device)
+        logits = model(tokens).float()
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), tokens.view(-1))
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    loss_bf16, grads_bf16 = run(False)
+    loss_fp8, grads_fp8 = run(True)
+    assert abs(loss_fp8 - loss_bf16) / loss_bf16 < 0.01
+    relative = torch.stack([(a.float() - b.float()).norm() / b.float().norm() for a, b in zip(grads_fp8, grads_bf16)])
+    assert relative.max() < 0.15 and relative.mean() < 0.08
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU with FP8 matmuls")
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_triton_dequantization_is_the_reference(nested, transpose):
+    """The one-pass kernel against the plain torch arithmetic, on a weight whose rows and columns are not whole
+    tiles; a fused multiply-add may move a value by one float8 step, rarely."""
+    from model.fp8_triton import nf4_to_fp8_triton
+
+    layer = nf4_layer(208, 640, "cuda")
+    parts = nf4_parts(layer)
+    if not nested:
+        parts = parts._replace(absmax=block_absmax(parts).reshape(-1), inner_code=None, inner_absmax=None,
+                               offset=None, inner_blocksize=0)
+    expected = nf4_to_fp8(parts, layer.fp8_scale, transpose).float()
+    actual = nf4_to_fp8_triton(parts, layer.fp8_scale, transpose)
+    assert actual.dtype == torch.float8_e4m3fn and actual.shape == expected.shape and actual.is_contiguous()
+    same = actual.float() == expected
+    assert same.float().mean() > 0.999
+    assert ((actual.float() - expected).abs() <= HALF_ULP * 2 * expected.abs())[~same].all()
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU with FP8 matmuls")
+def test_compiled_fp8_matches_eager():
+    """torch.compile's fused dequantization computes the same float8 weight and the same products."""
+    layer = nf4_layer(256, 512, "cuda")
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    eager = fp8_linear(x, layer)
+    eager.backward(grad)
+    eager_grad, x.grad = x.grad, None
+    compiled = torch.compile(fp8_linear, fullgraph=True)(x, layer)
+    compiled.backward(grad)
+    assert torch.equal(torch.compile(nf4_to_fp8)(nf4_parts(layer), layer.fp8_scale).float(),
+                       nf4_to_fp8(nf4_parts(layer), layer.fp8_scale).float())
+    torch.testing.assert_close(compiled, eager, rtol=2 ** -7, atol=1e-3 * eager.abs().max().item())
+    torch.testing.assert_close(x.grad, eager_grad, rtol=2 ** -7, atol=1e-3 * eager_grad.abs().max().item())
+
+
+def test_fp8_unavailable_names_the_gpu_or_allows_the_cpu():
+    assert fp8_unavailable(torch.device("cpu")) is None
+    if torch.cuda.is_available():
+        reason = fp8_unavailable(torch.device("cuda"))
+        assert reason is None or torch.cuda.get_device_name() in reason
+
+
+def test_train_and_infer_with_fp8_on_the_cpu(tiny_llama3, tables, tmp_path, monkeypatch, capsys):
+    """`--fp8 on` trains on an (emulated) FP8 base and records it; infer scores the same way unless told not to;
+    a base that is not 4-bit is one line."""
+    import run
+    import train.setup
+
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+    switched = []
+    monkeypatch.setattr(train.setup, "use_fp8", lambda model: switched.append(use_fp8(model)))
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_llama3), "--data", str(tables[0]), "--out", str(out), "--rank", "4",
+            "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--val-size", "8", "--max-len", "256"]
+    assert run.main([*argv, "--quant", "nf4", "--fp8", "on"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["flags"]["fp8"] == "on" and config["manifest"]["precision"].endswith("FP8 base products")
+    assert switched and switched[0] > 0
+    for flags, calls in (([], 2), (["--fp8", "off"], 2), (["--fp8", "on"], 3)):
+        assert run.main(["infer", "--run", str(out), "--data", str(tables[1]), "--out", str(tmp_path / "s.csv"),
+                         *flags]) == 0
+        assert len(switched) == calls
+    capsys.readouterr()
+    assert run.main([*argv, "--out", str(tmp_path / "other"), "--fp8", "on"]) == 2  # a CPU's base is --quant none
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fp8 on: FP8 products are for the 4-bit base, and this one is --quant none")
