@@ -1,6 +1,7 @@
 """The FP8 lever alone: each projection shape of Llama-3.1-8B on M tokens, bitsandbytes' NF4 path (dequantize to
 bf16, bf16 GEMM) beside ours in FP8 (one-pass NF4 → e4m3, row-scaled float8 GEMM), forward and input gradient,
-and the pieces of each (dequantization, GEMM). GPU milliseconds from CUDA events, median of --repeats; one JSON line.
+and the pieces of each (dequantization, GEMM). GPU milliseconds per call, replayed from CUDA graphs (no host time),
+median of --repeats; one JSON line.
 
     python bench/bench_fp8.py [--tokens 4096] [--repeats 20]
 """
@@ -23,16 +24,26 @@ SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_pr
 PER_BLOCK = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate_proj/up_proj": 2, "down_proj": 1}
 
 
-def gpu_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
+def gpu_ms(fn: Callable[[], object], repeats: int, calls: int = 10) -> float:
+    """GPU time of one call of `fn`: `calls` calls recorded as one CUDA graph, so that no host launch shows."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 @triton.jit
-def _nf4_to_fp8_kernel(packed, absmax, inner_code, inner_absmax, offset, code, inv_scale, out, N, K,
+def _nf4_to_fp8_kernel(packed, absmax, inner_code, inner_absmax, offset, code, scale, out, N, K,
                        NESTED: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCKSIZE: tl.constexpr,
                        INNER_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
     """A tile of BLOCK_N rows × BLOCKS whole NF4 blocks: one scale per block, two code lookups per byte."""
@@ -22,7 +22,8 @@ def _nf4_to_fp8_kernel(packed, absmax, inner_code, inner_absmax, offset, code, i
                                                                     mask=block_ok, other=0) + tl.load(offset))
     else:
         block_scale = tl.load(absmax + block, mask=block_ok, other=0).to(tl.float32)
-    factor = block_scale * tl.load(inv_scale + rows, mask=row_ok, other=0)[:, None]  # [BLOCK_N, BLOCKS]
+    inverse = tl.math.div_rn(tl.full((BLOCK_N,), 1.0, tl.float32), tl.load(scale + rows, mask=row_ok, other=1.0))
+    factor = block_scale * inverse[:, None]  # [BLOCK_N, BLOCKS]; a correctly rounded 1 / s, as torch's
     byte = tl.arange(0, BLOCKSIZE // 2)
     byte_ok = block_ok[:, :, None] & (byte[None, None, :] >= 0)
     data = tl.load(packed + block[:, :, None] * (BLOCKSIZE // 2) + byte[None, None, :], mask=byte_ok,
@@ -47,12 +48,14 @@ def nf4_to_fp8_triton(parts, scale: Tensor, transpose: bool = False) -> Tensor:
     out = torch.empty(shape, dtype=torch.float8_e4m3fn, device=packed.device)
     nested = parts.inner_absmax is not None
     blocksize = out_features * in_features // parts.absmax.numel()
-    block_n, blocks = 64, max(128 // blocksize, 1)
+    # Tiles timed on an H100 (bench/results/h100-fp8-dequant-tiles.txt): 32 rows x 256 values, or for the
+    # transposed store 128 rows x 64 values (columns of 128 bytes).
+    block_n, blocks = (128, max(64 // blocksize, 1)) if transpose else (32, max(256 // blocksize, 1))
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(in_features // blocksize, blocks))
     unused = parts.code  # a pointer for the arguments a flat absmax does not read
     _nf4_to_fp8_kernel[grid](
         packed, parts.absmax, parts.inner_code if nested else unused, parts.inner_absmax if nested else unused,
-        parts.offset if nested else unused, parts.code, scale.reciprocal(), out, out_features, in_features,
+        parts.offset if nested else unused, parts.code, scale, out, out_features, in_features,
         NESTED=nested, TRANSPOSE=transpose, BLOCKSIZE=blocksize, INNER_BLOCKSIZE=max(parts.inner_blocksize, 1),
         BLOCK_N=block_n, BLOCKS=blocks)
     return out
