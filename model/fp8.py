@@ -4,8 +4,10 @@ Each NF4 weight [N, K] is dequantized straight to float8 e4m3 with one scale per
 largest block reaching e4m3's largest value), and multiplied by activations quantized to e4m3 with one scale per
 row. The input gradient multiplies the output gradient, its columns first scaled by s, by the same float8 weight
 transposed. The frozen weight gets no gradient; LoRA's low-rank update stays in bf16 around this (lora.LoRALinear).
-The dequantization is plain torch, so torch.compile fuses it into one pass (packed bytes in, float8 out) and the CPU
-runs the same arithmetic for the tests."""
+On the GPU the dequantization is one Triton pass (model/fp8_triton.py), inside an op torch.compile cannot see into,
+so that a compiled block neither keeps the float8 weight for its backward pass nor computes it twice. A CPU runs
+the same arithmetic in plain torch (nf4_to_fp8, the reference the tests hold the kernel to) and emulates the float8
+products in float32."""
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,12 +30,15 @@ def fp8_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def fp8_fits(out_features: int, in_features: int, blocksize: int = 64) -> bool:
+    """Whether a 4-bit weight of this shape can multiply in FP8: its NF4 blocks tile each row (so a row scale is a
+    max over whole blocks) and its sizes suit the float8 kernels (multiples of 16)."""
+    return in_features % blocksize == 0 and in_features % 16 == 0 and out_features % 16 == 0
+
+
 def fp8_eligible(layer: nn.Module) -> bool:
-    """Whether an NF4 layer's blocks tile each row (so a row scale is a max over whole blocks) and its sizes suit
-    the float8 kernels (multiples of 16)."""
     state = layer.weight.quant_state
-    out_features, in_features = state.shape
-    return in_features % state.blocksize == 0 and in_features % 16 == 0 and out_features % 16 == 0
+    return fp8_fits(*state.shape, state.blocksize)
 
 
 class NF4Parts(NamedTuple):

@@ -2,6 +2,7 @@
 the products are exactly what their float8 operands and scales say (an emulation in float32), and the whole is
 the NF4 layer's float product to FP8's tolerance — forward and input gradient, on the CPU and on an FP8 GPU."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -196,10 +197,33 @@ def test_train_and_infer_with_fp8_on_the_cpu(tiny_llama3, tables, tmp_path, monk
         assert run.main(["infer", "--run", str(out), "--data", str(tables[1]), "--out", str(tmp_path / "s.csv"),
                          *flags]) == 0
         assert len(switched) == calls
+    # a merged export scores as its run did
+    assert run.main(["export", "--run", str(out), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "judge.json").read_text())["fp8"] == "on"
+    assert run.main(["infer", "--model", str(tmp_path / "hf"), "--data", str(tables[1]),
+                     "--out", str(tmp_path / "e.csv")]) == 0
+    assert len(switched) == 4
     capsys.readouterr()
     assert run.main([*argv, "--out", str(tmp_path / "other"), "--quant", "none", "--fp8", "on"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --fp8 on: FP8 products are for the 4-bit base, and this one is --quant none")
+
+
+def test_fp8_on_a_model_with_no_suitable_projection_is_one_line(tmp_path, tables, monkeypatch, capsys):
+    """Inputs of 48 and 96: no NF4 row is whole blocks of 64, so --fp8 on would multiply nothing in FP8."""
+    import run
+    from conftest import llama3_tokenizer_file, make_hf_checkpoint
+
+    monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))
+    model = make_hf_checkpoint(tmp_path / "odd", hidden_size=48, head_dim=12, intermediate_size=96,
+                               vocab_size=128256, bos_token_id=128000, eos_token_id=128001, max_shard_size="20MB")
+    shutil.copy(llama3_tokenizer_file(), model / "tokenizer.model")
+    capsys.readouterr()
+    assert run.main(["train", "--model", str(model), "--data", str(tables[0]), "--out", str(tmp_path / "run"),
+                     "--quant", "nf4", "--fp8", "on"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: --fp8 on: no projection of {model} can multiply in FP8")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU with FP8 matmuls")

@@ -95,7 +95,8 @@ def test_extra_rows_never_ask_a_validation_question(tiny_llama3, tables, tmp_pat
     with pytest.raises(UserError, match="the same table as --data"):
         train(train_args(tiny_llama3, tables[0], tmp_path / "same", "--extra-data", str(tables[0])))
     copy = pd.read_csv(tables[0])
-    copy["solution"] = copy["solution"] + " Checked."  # another file, the same questions
+    copy["solution"] = copy["solution"] + " Checked."  # another file, the same questions (spaced otherwise)
+    copy["question"] = copy["question"].str.replace(" ", "  \n", n=1)
     copy.to_csv(tmp_path / "copy.csv", index=False)
     folder = train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--max-steps", "1",
                               "--extra-data", str(tmp_path / "copy.csv")))

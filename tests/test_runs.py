@@ -353,6 +353,16 @@ def test_a_checkpoint_of_another_shape_is_one_line(finished_run, tiny_llama3, ta
         ["train", "--resume", str(other), "--max-steps", "4"], capsys)
 
 
+def test_a_tokenizer_whose_labels_lie_outside_the_vocabulary_is_one_line(tiny_checkpoint, tables, tmp_path, capsys):
+    from conftest import llama3_tokenizer_file
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "vocab300")
+    shutil.copy(llama3_tokenizer_file(), model / "tokenizer.model")  # ids up to 128,255 for a vocabulary of 300
+    message = main_error(train_argv(model, tables[0], tmp_path / "run"), capsys)
+    assert message.startswith(f"error: --model {model}: the label tokens") and "vocabulary of 300" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_non_finite_validation_scores_are_one_line(tiny_llama3, tables, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.loop, "predict_p_true", lambda *args, **kwargs: np.full(8, np.nan, dtype=np.float32))
     assert "8 validation rows got a non-finite P(True)" in main_error(

@@ -113,5 +113,5 @@ def judge_record(run, label_ids: list[int]) -> dict:
             "label_words": dict(zip(("True", "False"), run.template.label_words)),
             "label_token_ids": {"False": label_ids[0], "True": label_ids[1]},
             **decision, "decision_from": used, "max_len": run.max_len,
-            "quant": flags["quant"], "precision": flags.get("precision"),
+            "quant": flags["quant"], "precision": flags.get("precision"), "fp8": flags.get("fp8", "off"),
             "run": str(run.path), "adapter": str(run.adapter)}

@@ -130,9 +130,12 @@ def open_export(args: Namespace) -> TrainedRun:
     for key, kind in (("template", str), ("max_len", int), ("quant", str)):
         if not isinstance(judge.get(key), kind):
             raise UserError(f"{folder / JUDGE}: {key}={judge.get(key)!r} is not a {kind.__name__}")
-    config = {"flags": {"quant": judge["quant"], "precision": judge.get("precision")}}
+    fp8 = judge.get("fp8", "off")  # exports from before the flag multiplied in bf16
+    if fp8 not in ("on", "off"):
+        raise UserError(f"{folder / JUDGE}: fp8={fp8!r} is not 'on' or 'off'")
+    config = {"flags": {"quant": judge["quant"], "precision": judge.get("precision"), "fp8": fp8}}
     return TrainedRun(folder, None, config, Template(str(folder / JUDGE), judge["template"]), str(folder),
-                      *_scoring(args, judge["max_len"]), decision_file=JUDGE)
+                      *_scoring(args, judge["max_len"], fp8), decision_file=JUDGE)
 
 
 def score_table(run: TrainedRun, df: pd.DataFrame, world: World = World()) -> np.ndarray:

@@ -173,7 +173,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     args.quant, args.precision = base.quantization, base.numerics.name  # recorded resolved: infer loads the same
     train_idx, val_idx = split_train_val(df, args.val_size, args.seed, group_col=args.group_col)
     if extra is not None:  # training rows only: validation stays rows of --data, and no question of it is trained on
-        asked = extra["question"].str.strip().isin(set(df["question"].iloc[val_idx].str.strip())).to_numpy()
+        asked = extra["question"].map(question_key).isin(set(df["question"].iloc[val_idx].map(question_key))).to_numpy()
         if asked.any() and world.main:
             print(f"note: {args.extra_data}: {int(asked.sum())} rows ask a validation question of {data_path}; "
                   f"they are left out of training")

@@ -10,7 +10,7 @@ from common.launch import launched_ranks, local_rank
 from data import Template, label_token_ids
 from model import LlamaConfig, load_llama, load_tokenizer
 from model.default import default_model_path
-from model.fp8 import fp8_unavailable, use_fp8
+from model.fp8 import fp8_fits, fp8_unavailable, use_fp8
 from train.precision import Precision, resolve_precision
 
 
@@ -44,6 +44,13 @@ class Base:
         return model
 
 
+def projection_shapes(config: LlamaConfig) -> list[tuple[int, int]]:
+    """(out, in) of a block's q, k, v, o, gate, up and down projections."""
+    hidden, heads = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv, mlp = config.num_key_value_heads * config.head_dim, config.intermediate_size
+    return [(heads, hidden), (kv, hidden), (kv, hidden), (hidden, heads), (mlp, hidden), (mlp, hidden), (hidden, mlp)]
+
+
 def pick_device() -> torch.device:
     """The GPU if there is one (under torchrun, the one of this process's local rank), else the CPU."""
     if not torch.cuda.is_available():
@@ -66,10 +73,16 @@ def resolve_base(model: str | None, quant: str | None, template: Template, devic
     numerics = resolve_precision(precision, device)
     # On a CPU 4-bit weights dequantize to bf16, the compute dtype bitsandbytes' CPU path expects.
     dtype = torch.bfloat16 if device.type == "cpu" and quantization == "nf4" else numerics.compute_dtype
+    if max(true_id, false_id) >= config.vocab_size:
+        raise UserError(f"--model {model_path}: the label tokens {true_id} and {false_id} of its tokenizer lie outside "
+                        f"its vocabulary of {config.vocab_size} (a tokenizer of another model?)")
     if fp8 and quantization != "nf4":
         raise UserError("--fp8 on: FP8 products are for the 4-bit base, and this one is --quant none")
     if fp8 and (reason := fp8_unavailable(device)):
         raise UserError(f"--fp8 on: {reason}")
+    if fp8 and not any(fp8_fits(n, k) for n, k in projection_shapes(config)):
+        raise UserError(f"--fp8 on: no projection of {model_path} can multiply in FP8 (their input sizes must be "
+                        f"multiples of 64 and every size a multiple of 16)")
     label_ids = torch.tensor([false_id, true_id], device=device)
     return Base(device, model_path, tokenizer, template, label_ids, quantization, numerics, dtype, config.hidden_size,
                 fp8)
