@@ -12,6 +12,7 @@ Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; w
 
     python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
         [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5] [--compile] [--cuda-graphs] [--fp8]
+        [--activation-memory-budget 1.0]
         [--stack-autocast on|off|both]
 """
 import contextlib
@@ -152,11 +153,16 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="ours: replay each step's forward and backward as a CUDA graph (run.py train's CUDA-graph path)")
     p.add_argument("--fp8", action="store_true", help="ours: the 4-bit base multiplies in FP8 (run.py train --fp8)")
+    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+                   help="ours, compiled: torch._functorch.config.activation_memory_budget, the share of a compiled "
+                        "block's activations its partitioner may keep for the backward pass (below 1 it recomputes "
+                        "the cheapest of the rest)")
     p.add_argument("--stack-autocast", choices=("on", "off", "both"), default="on",
                    help="time the stack under bf16 autocast (on), without it (off), or both")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=64)
     args = p.parse_args()
+    torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     default_configs = "2x64:ckpt,2x64:nockpt" if args.tiny else "8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt"
     configs = (args.configs or default_configs).split(",")
     args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2
@@ -166,7 +172,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     record = {"bench": "train", "checkpoint": str(path), "device": str(device), "compile": args.compile,
-              "cuda_graphs": args.cuda_graphs, "fp8": args.fp8, "rank": args.rank,
+              "cuda_graphs": args.cuda_graphs, "fp8": args.fp8,
+              "activation_memory_budget": args.activation_memory_budget, "rank": args.rank,
               "alpha": args.alpha, "warmup": args.warmup, "steps": args.steps}
     for impl in implementations(args):
         record[impl] = run_implementation(impl, path, device, vocab, configs, args)
