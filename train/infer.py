@@ -106,8 +106,8 @@ def open_run(args: Namespace) -> TrainedRun:
                       *_scoring(args, flags.max_len, getattr(flags, "fp8", "off")))
 
 
-def _scoring(args: Namespace, run_max_len: int, run_fp8: str = "off") -> tuple[int, int, torch.device, bool, bool,
-                                                                                bool]:
+def _scoring(args: Namespace, run_max_len: int,
+             run_fp8: str = "off") -> tuple[int, int, torch.device, bool, bool, bool]:
     """max_len, batch_tokens, device, pack, eager and fp8: the scoring flags, defaulting to the run's (FP8 only
     where this device has it)."""
     max_len = getattr(args, "max_len", None) or run_max_len
