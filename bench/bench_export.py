@@ -25,14 +25,6 @@ from lora.inject import ALL_PROJECTIONS  # noqa: E402
 from model.config import LLAMA_3_1_8B, LlamaConfig  # noqa: E402
 
 
-def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) features of each adapted projection."""
-    d, kv, ff = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    return {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-            "self_attn.o_proj": (d, q), "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff)}
-
-
 def random_run(folder: Path, checkpoint: Path, config: LlamaConfig, rank: int) -> Path:
     """A finished-looking run folder: config.json with the flags a run records, and a random peft adapter."""
     shutil.rmtree(folder, ignore_errors=True)
@@ -44,7 +36,7 @@ def random_run(folder: Path, checkpoint: Path, config: LlamaConfig, rank: int) -
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for layer in range(config.num_hidden_layers):
-        for name, (out_features, in_features) in projection_shapes(config).items():
+        for name, (out_features, in_features) in config.projection_shapes().items():
             key = f"base_model.model.model.layers.{layer}.{name}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.01
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01

@@ -118,6 +118,15 @@ class LlamaConfig:
         path = Path(path)
         return cls.from_dict(read_json(path, f"{path}: no config.json"), source=str(path))
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each projection of a block, by its module path within the block (as the checkpoint names
+        it: `model.layers.<i>.<path>.weight`)."""
+        hidden, heads = self.hidden_size, self.num_attention_heads * self.head_dim
+        kv, mlp = self.num_key_value_heads * self.head_dim, self.intermediate_size
+        return {"self_attn.q_proj": (heads, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+                "self_attn.o_proj": (hidden, heads), "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden),
+                "mlp.down_proj": (hidden, mlp)}
+
     def to_dict(self) -> dict:
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **asdict(self)}
 

@@ -145,6 +145,15 @@ def test_label_logits_are_float32(tiny_checkpoint, autocast):
     assert torch.equal(logits, hidden.float() @ model.lm_head.weight[label_ids].float().T)
 
 
+def test_projection_shapes_are_the_decoders():
+    with torch.device("meta"):
+        block = Llama(LLAMA_3_1_8B).model.layers[0]
+    for path, shape in LLAMA_3_1_8B.projection_shapes().items():
+        layer = block.get_submodule(path)
+        assert (layer.out_features, layer.in_features) == shape
+    assert sorted(path.rsplit(".", 1)[1] for path in LLAMA_3_1_8B.projection_shapes()) == sorted(PROJECTIONS)
+
+
 def test_head_rows_keep_only_the_label_rows(tiny_checkpoint, tmp_path):
     """A classifier's model holds two rows of an untied head, and reads the same logits as the whole head gives;
     a tied head is the embedding, which stays whole."""

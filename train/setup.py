@@ -44,13 +44,6 @@ class Base:
         return model
 
 
-def projection_shapes(config: LlamaConfig) -> list[tuple[int, int]]:
-    """(out, in) of a block's q, k, v, o, gate, up and down projections."""
-    hidden, heads = config.hidden_size, config.num_attention_heads * config.head_dim
-    kv, mlp = config.num_key_value_heads * config.head_dim, config.intermediate_size
-    return [(heads, hidden), (kv, hidden), (kv, hidden), (hidden, heads), (mlp, hidden), (mlp, hidden), (hidden, mlp)]
-
-
 def pick_device() -> torch.device:
     """The GPU if there is one (under torchrun, the one of this process's local rank), else the CPU."""
     if not torch.cuda.is_available():
@@ -80,7 +73,7 @@ def resolve_base(model: str | None, quant: str | None, template: Template, devic
         raise UserError("--fp8 on: FP8 products are for the 4-bit base, and this one is --quant none")
     if fp8 and (reason := fp8_unavailable(device)):
         raise UserError(f"--fp8 on: {reason}")
-    if fp8 and not any(fp8_fits(n, k) for n, k in projection_shapes(config)):
+    if fp8 and not any(fp8_fits(*shape) for shape in config.projection_shapes().values()):
         raise UserError(f"--fp8 on: no projection of {model_path} can multiply in FP8 (their input sizes must be "
                         f"multiples of 64 and every size a multiple of 16)")
     label_ids = torch.tensor([false_id, true_id], device=device)
