@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (checkpoint_path, clock, emit, env_info, implementations, load_stack,  # noqa: E402
@@ -33,6 +34,7 @@ from model.fp8 import use_fp8  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
 from train.batch import right_padded  # noqa: E402
+from train.fastpath import KEPT_ACTIVATION_BUDGET  # noqa: E402
 from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 LABEL_IDS = (837, 3082)  # any two fixed token ids serve as (False, True) on random weights
@@ -50,13 +52,17 @@ def parse_config(text: str) -> tuple[int, int, bool | int]:
     raise SystemExit(f"--configs: {text!r} is not BxT:ckpt, BxT:ckptN or BxT:nockpt")
 
 
+def activation_budget(args, checkpointing: bool | int) -> float:
+    if args.activation_memory_budget is not None:
+        return args.activation_memory_budget
+    return 1.0 if checkpointing is True else KEPT_ACTIVATION_BUDGET
+
+
 def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, torch.optim.Optimizer, int]:
     model = load_llama(path, dtype=torch.bfloat16, device=device, quantize="nf4", head_rows=LABEL_IDS)
     if args.fp8:
         use_fp8(model)
     apply_lora(model, args.rank, args.alpha, verbose=False)
-    if args.compile:
-        model.compile_blocks()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(params, lr=LR, weight_decay=0.0)
@@ -66,6 +72,9 @@ def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, to
     def set_checkpointing(on: bool | int) -> None:
         nonlocal graphs
         model.grad_checkpoint = on
+        if args.compile:  # compile anew, under this mode's budget
+            torch._dynamo.reset()
+            model.compile_blocks(activation_budget(args, on))
         if args.cuda_graphs:  # graphs recorded before hold the other mode's pass
             graphs = graphed_backward(model, params, label_ids)
 
@@ -135,6 +144,8 @@ def run_implementation(impl: str, path: Path, device: torch.device, vocab: int, 
         for name, run_step in variants(impl, config, step, args.stack_autocast):
             try:
                 results[name] = run_config(run_step, batch, seq, vocab, device, args)
+                if impl == "ours" and args.compile:
+                    results[name]["activation_memory_budget"] = activation_budget(args, checkpointing)
             except torch.OutOfMemoryError:
                 results[name] = {"tokens_per_s": None, "oom": True, **peak_memory(device)}
                 optimizer.zero_grad(set_to_none=True)  # drop the gradients a failed backward left behind
@@ -153,16 +164,16 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="ours: replay each step's forward and backward as a CUDA graph (run.py train's CUDA-graph path)")
     p.add_argument("--fp8", action="store_true", help="ours: the 4-bit base multiplies in FP8 (run.py train --fp8)")
-    p.add_argument("--activation-memory-budget", type=float, default=1.0,
+    p.add_argument("--activation-memory-budget", type=float,
                    help="ours, compiled: torch._functorch.config.activation_memory_budget, the share of a compiled "
                         "block's activations its partitioner may keep for the backward pass (below 1 it recomputes "
-                        "the cheapest of the rest)")
+                        "the cheapest of the rest; default as run.py train: 1 when every block is recomputed, else "
+                        "train.fastpath.KEPT_ACTIVATION_BUDGET)")
     p.add_argument("--stack-autocast", choices=("on", "off", "both"), default="on",
                    help="time the stack under bf16 autocast (on), without it (off), or both")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=64)
     args = p.parse_args()
-    torch._functorch.config.activation_memory_budget = args.activation_memory_budget
     default_configs = "2x64:ckpt,2x64:nockpt" if args.tiny else "8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt"
     configs = (args.configs or default_configs).split(",")
     args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2
@@ -173,7 +184,7 @@ def main() -> None:
 
     record = {"bench": "train", "checkpoint": str(path), "device": str(device), "compile": args.compile,
               "cuda_graphs": args.cuda_graphs, "fp8": args.fp8,
-              "activation_memory_budget": args.activation_memory_budget, "rank": args.rank,
+              "rank": args.rank,
               "alpha": args.alpha, "warmup": args.warmup, "steps": args.steps}
     for impl in implementations(args):
         record[impl] = run_implementation(impl, path, device, vocab, configs, args)

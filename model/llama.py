@@ -6,6 +6,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -58,12 +59,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def repeat_kv(x: Tensor, n_heads: int, dim: int) -> Tensor:
+    """Key or value heads (along `dim`) repeated to one per query head: for the masked attentions, in place of
+    enable_gqa, whose FLOP count fails in the partitioner of a block compiled under an activation memory budget
+    (torch 2.11)."""
+    return x.repeat_interleave(n_heads // x.shape[dim], dim)
+
+
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing) -> Tensor:
     """Causal attention within each sequence of a packed line: q [T, H, hd], k and v [T, KV, hd] → [T, H, hd].
     Flash attention's variable-length kernel on CUDA; elsewhere one scaled_dot_product_attention per sequence."""
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     if q.is_cuda and varlen_attn is not None and q.dtype in (torch.bfloat16, torch.float16):
-        k, v = k.repeat_interleave(n_heads // n_kv_heads, 1), v.repeat_interleave(n_heads // n_kv_heads, 1)
+        k, v = repeat_kv(k, n_heads, 1), repeat_kv(v, n_heads, 1)
         cu = packing.cu_seqlens
         return varlen_attn(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen, window_size=(-1, 0))
     bounds = packing.cu_seqlens.tolist()
@@ -104,16 +112,17 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         k = apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
         if last is None:
             q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
             # Rows are right-padded, so plain causal attention is exact for every real token.
-            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, is_causal=True,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             q = self.q_proj(x[torch.arange(batch, device=x.device), last]).view(batch, self.n_heads, 1, self.head_dim)
             q = apply_rope(q, cos[last].unsqueeze(1).unsqueeze(1), sin[last].unsqueeze(1).unsqueeze(1))
             visible = torch.arange(seq_len, device=x.device) <= last.unsqueeze(1)  # [B, T]: up to `last`
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_heads, 1), repeat_kv(v, self.n_heads, 1),
+                                               attn_mask=visible[:, None, None, :])
             seq_len = 1
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
@@ -130,8 +139,8 @@ class Attention(nn.Module):
                            cos[last, None], sin[last, None])
             visible = ((packing.doc == packing.doc[last, None])
                        & (torch.arange(seq_len, device=x.device) <= last[:, None]))  # [R, T]
-            y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=visible, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(q.transpose(0, 1), repeat_kv(k, self.n_heads, 1).transpose(0, 1),
+                                               repeat_kv(v, self.n_heads, 1).transpose(0, 1), attn_mask=visible)
             y = y.transpose(0, 1)
         return self.o_proj(y.reshape(y.shape[0], self.n_heads * self.head_dim))
 
@@ -190,8 +199,11 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.grad_checkpoint: bool | int = False  # True: recompute every block in backward; N: the first N
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU."""
+    def compile_blocks(self, activation_memory_budget: float = 1.0) -> None:
+        """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU. Below 1,
+        `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather than keep
+        them (torch._functorch.config's, process-wide, read when a block first compiles)."""
+        torch._functorch.config.activation_memory_budget = activation_memory_budget
         for block in self.model.layers:
             block.compile()
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lora import apply_lora, lora_layers
 from model import load_llama
+from train.fastpath import KEPT_ACTIVATION_BUDGET
 from train.graphs import BackwardGraphs
 from train.objective import loss_sum
 from train.batch import right_padded
@@ -93,6 +94,36 @@ def test_final_block_on_last_positions_keeps_loss_and_gradients(tiny_checkpoint,
     assert scale > 0
     assert (fast_grads - truth_grads).abs().max() <= 1.5 * (plain_grads - truth_grads).abs().max() + 1e-6 * scale
     assert (fast_loss - truth_loss).abs() <= 1.5 * (plain_loss - truth_loss).abs() + 1e-6 * truth_loss.abs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compilation is a GPU lever")
+def test_kept_activation_budget_saves_fewer_bytes_for_the_same_loss_and_gradients(tiny_checkpoint):
+    """Compiled blocks that keep their activations (run.py's default unless every block is recomputed) keep fewer
+    under KEPT_ACTIVATION_BUDGET, recomputing the rest in the backward pass: the same loss and gradients to bf16's
+    rounding."""
+    truth_loss, truth_grads = loss_and_grads(tiny_checkpoint, "cuda", torch.float32)
+    plain_loss, plain_grads = loss_and_grads(tiny_checkpoint, "cuda", torch.bfloat16)
+    scale, saved = truth_grads.abs().max(), {}
+    try:
+        for budget in (1.0, KEPT_ACTIVATION_BUDGET):
+            torch._dynamo.reset()
+            model = lora_model(tiny_checkpoint, "cuda", torch.bfloat16)
+            model.compile_blocks(budget)
+            sizes = []
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                sizes.append(t.numel() * t.element_size())
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss, grads = backward(model, [batch("cuda")], torch.bfloat16)
+            saved[budget] = sum(sizes)
+            assert (grads - truth_grads).abs().max() <= 1.5 * (plain_grads - truth_grads).abs().max() + 1e-6 * scale
+            assert (loss - truth_loss).abs() <= 1.5 * (plain_loss - truth_loss).abs() + 1e-6 * truth_loss.abs()
+    finally:
+        torch._dynamo.reset()
+        torch._functorch.config.activation_memory_budget = 1.0
+    assert saved[KEPT_ACTIVATION_BUDGET] < saved[1.0]
 
 
 def steps_through(model, graphed, steps=4, seq_len=16):

@@ -11,6 +11,10 @@ from train.graphs import BackwardGraphs
 from train.step import graphed_backward
 
 T = TypeVar("T")
+# Blocks that keep their activations for the backward pass (not recomputed) keep fewer: the partitioner recomputes
+# SwiGLU's product and two norms' outputs instead, a third fewer bytes a token for 1 % of the step (the 8B in FP8
+# without checkpointing: 19.2 GB instead of 25.0; bench/RESULTS.md). Blocks recomputed whole gain nothing by it.
+KEPT_ACTIVATION_BUDGET = 0.9
 COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
 if hasattr(torch._inductor.exc, "InductorError"):
     COMPILE_ERRORS += (torch._inductor.exc.InductorError,)
@@ -39,7 +43,7 @@ class FastPath:
         if compile:
             why_not = compile_available(device)
             if why_not is None:
-                model.compile_blocks()
+                model.compile_blocks(1.0 if model.grad_checkpoint is True else KEPT_ACTIVATION_BUDGET)
                 self.compiled = True
             else:
                 print(f"note: running eager, without compiled blocks ({why_not})")
