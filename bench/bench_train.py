@@ -34,7 +34,7 @@ from model.fp8 import use_fp8  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
 from train.batch import right_padded  # noqa: E402
-from train.fastpath import KEPT_ACTIVATION_BUDGET  # noqa: E402
+from train.fastpath import activation_budget as kept_budget  # noqa: E402
 from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 LABEL_IDS = (837, 3082)  # any two fixed token ids serve as (False, True) on random weights
@@ -52,10 +52,8 @@ def parse_config(text: str) -> tuple[int, int, bool | int]:
     raise SystemExit(f"--configs: {text!r} is not BxT:ckpt, BxT:ckptN or BxT:nockpt")
 
 
-def activation_budget(args, checkpointing: bool | int) -> float:
-    if args.activation_memory_budget is not None:
-        return args.activation_memory_budget
-    return 1.0 if checkpointing is True else KEPT_ACTIVATION_BUDGET
+def activation_budget(args, model: torch.nn.Module) -> float:
+    return args.activation_memory_budget if args.activation_memory_budget is not None else kept_budget(model)
 
 
 def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, torch.optim.Optimizer, int]:
@@ -74,7 +72,7 @@ def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, to
         model.grad_checkpoint = on
         if args.compile:  # compile anew, under this mode's budget
             torch._dynamo.reset()
-            model.compile_blocks(activation_budget(args, on))
+            model.compile_blocks(activation_budget(args, model))
         if args.cuda_graphs:  # graphs recorded before hold the other mode's pass
             graphs = graphed_backward(model, params, label_ids)
 
@@ -145,7 +143,7 @@ def run_implementation(impl: str, path: Path, device: torch.device, vocab: int, 
             try:
                 results[name] = run_config(run_step, batch, seq, vocab, device, args)
                 if impl == "ours" and args.compile:
-                    results[name]["activation_memory_budget"] = activation_budget(args, checkpointing)
+                    results[name]["activation_memory_budget"] = torch._functorch.config.activation_memory_budget
             except torch.OutOfMemoryError:
                 results[name] = {"tokens_per_s": None, "oom": True, **peak_memory(device)}
                 optimizer.zero_grad(set_to_none=True)  # drop the gradients a failed backward left behind

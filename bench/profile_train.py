@@ -74,6 +74,8 @@ def main() -> None:
                   f"{kind_of(e.key):18s} {e.key[:110]}", file=sys.stderr)
         record[config] = {"step_ms": round(step_ms, 1), "kernel_ms_per_step": round(sum(by_kind.values()), 1),
                           "by_kind_ms": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+        if args.compile:
+            record[config]["activation_memory_budget"] = torch._functorch.config.activation_memory_budget
         release(device)
     emit({**record, **env_info()})
 

@@ -202,7 +202,7 @@ class Llama(nn.Module):
     def compile_blocks(self, activation_memory_budget: float = 1.0) -> None:
         """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU. Below 1,
         `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather than keep
-        them (torch._functorch.config's, process-wide, read when a block first compiles)."""
+        them (torch._functorch.config's, process-wide, read whenever a block compiles)."""
         torch._functorch.config.activation_memory_budget = activation_memory_budget
         for block in self.model.layers:
             block.compile()

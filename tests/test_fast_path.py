@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lora import apply_lora, lora_layers
 from model import load_llama
-from train.fastpath import KEPT_ACTIVATION_BUDGET
+from train.fastpath import KEPT_ACTIVATION_BUDGET, activation_budget
 from train.graphs import BackwardGraphs
 from train.objective import loss_sum
 from train.batch import right_padded
@@ -94,6 +94,16 @@ def test_final_block_on_last_positions_keeps_loss_and_gradients(tiny_checkpoint,
     assert scale > 0
     assert (fast_grads - truth_grads).abs().max() <= 1.5 * (plain_grads - truth_grads).abs().max() + 1e-6 * scale
     assert (fast_loss - truth_loss).abs() <= 1.5 * (plain_loss - truth_loss).abs() + 1e-6 * truth_loss.abs()
+
+
+def test_blocks_keep_fewer_activations_unless_every_block_is_recomputed(tiny_checkpoint):
+    model = lora_model(tiny_checkpoint, "cpu", torch.float32)
+    n_blocks = len(model.model.layers)
+    for grad_checkpoint, budget in ((False, KEPT_ACTIVATION_BUDGET), (1, KEPT_ACTIVATION_BUDGET),
+                                    (n_blocks - 1, KEPT_ACTIVATION_BUDGET), (n_blocks, 1.0), (n_blocks + 5, 1.0),
+                                    (True, 1.0)):
+        model.grad_checkpoint = grad_checkpoint
+        assert activation_budget(model) == budget
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compilation is a GPU lever")

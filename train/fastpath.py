@@ -12,7 +12,7 @@ from train.step import graphed_backward
 
 T = TypeVar("T")
 # Blocks that keep their activations for the backward pass (not recomputed) keep fewer: the partitioner recomputes
-# SwiGLU's product and two norms' outputs instead, a third fewer bytes a token for 1 % of the step (the 8B in FP8
+# SwiGLU's product and two norms' outputs instead, 30 % fewer bytes a token for 1 % of the step (the 8B in FP8
 # without checkpointing: 19.2 GB instead of 25.0; bench/RESULTS.md). Blocks recomputed whole gain nothing by it.
 KEPT_ACTIVATION_BUDGET = 0.9
 COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,)
@@ -25,6 +25,12 @@ def compile_available(device: torch.device) -> str | None:
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     return None
+
+
+def activation_budget(model: nn.Module) -> float:
+    """KEPT_ACTIVATION_BUDGET, unless every block is recomputed (where it would only add recomputation)."""
+    every_block = model.grad_checkpoint is True or model.grad_checkpoint >= len(model.model.layers)
+    return 1.0 if every_block else KEPT_ACTIVATION_BUDGET
 
 
 def first_line(err: BaseException) -> str:
@@ -43,7 +49,7 @@ class FastPath:
         if compile:
             why_not = compile_available(device)
             if why_not is None:
-                model.compile_blocks(1.0 if model.grad_checkpoint is True else KEPT_ACTIVATION_BUDGET)
+                model.compile_blocks(activation_budget(model))
                 self.compiled = True
             else:
                 print(f"note: running eager, without compiled blocks ({why_not})")
