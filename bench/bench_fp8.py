@@ -71,7 +71,7 @@ def measure(out_features: int, in_features: int, tokens: int, repeats: int) -> d
         "fp8_dequantize_transposed": gpu_ms(lambda: nf4_to_fp8_triton(parts, scale, transpose=True), repeats),
         "fp8_quantize_rows_eager": gpu_ms(lambda: quantize_rows(x.detach()), repeats),
         "fp8_gemm": gpu_ms(lambda: torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale[None, :],
-                                                    out_dtype=torch.bfloat16), repeats),
+                                                    out_dtype=torch.bfloat16, use_fast_accum=True), repeats),
     }
     flops = 2 * tokens * in_features * out_features
     times["bf16_gemm_tflops"] = flops / times["bf16_gemm"] / 1e9
