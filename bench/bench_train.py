@@ -12,7 +12,7 @@ Targets: with checkpointing 8x512 >= 3x the stack's tokens/s at <= 11 GB peak; w
 
     python bench/bench_train.py [--checkpoint DIR] [--tiny] [--impl ours|stack|both]
         [--configs 8x512:ckpt,4x1024:ckpt,8x512:nockpt,4x1024:nockpt] [--warmup 2] [--steps 5] [--compile] [--cuda-graphs] [--fp8]
-        [--activation-memory-budget 1.0]
+        [--activation-memory-budget 1.0] [--checkpoint-whole-blocks]
         [--stack-autocast on|off|both]
 """
 import contextlib
@@ -34,7 +34,7 @@ from model.fp8 import use_fp8  # noqa: E402
 from train.optim import AdamW  # noqa: E402
 from train.predict import autocast  # noqa: E402
 from train.batch import right_padded  # noqa: E402
-from train.fastpath import activation_budget as kept_budget  # noqa: E402
+from train.fastpath import compile_for_training  # noqa: E402
 from train.step import graphed_backward, optimizer_step  # noqa: E402
 
 LABEL_IDS = (837, 3082)  # any two fixed token ids serve as (False, True) on random weights
@@ -50,10 +50,6 @@ def parse_config(text: str) -> tuple[int, int, bool | int]:
     if mode.startswith("ckpt") and mode[4:].isdigit():
         return batch, seq, int(mode[4:])
     raise SystemExit(f"--configs: {text!r} is not BxT:ckpt, BxT:ckptN or BxT:nockpt")
-
-
-def activation_budget(args, model: torch.nn.Module) -> float:
-    return args.activation_memory_budget if args.activation_memory_budget is not None else kept_budget(model)
 
 
 def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, torch.optim.Optimizer, int]:
@@ -72,7 +68,10 @@ def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, to
         model.grad_checkpoint = on
         if args.compile:  # compile anew, under this mode's budget
             torch._dynamo.reset()
-            model.compile_blocks(activation_budget(args, model))
+            if args.checkpoint_whole_blocks and on is True:  # as before: each recomputed block under checkpoint()
+                model.compile_blocks(args.activation_memory_budget or 1.0)
+            else:
+                compile_for_training(model, args.activation_memory_budget)
         if args.cuda_graphs:  # graphs recorded before hold the other mode's pass
             graphs = graphed_backward(model, params, label_ids)
 
@@ -165,8 +164,10 @@ def main() -> None:
     p.add_argument("--activation-memory-budget", type=float,
                    help="ours, compiled: torch._functorch.config.activation_memory_budget, the share of a compiled "
                         "block's activations its partitioner may keep for the backward pass (below 1 it recomputes "
-                        "the cheapest of the rest; default as run.py train: 1 when every block is recomputed, else "
-                        "train.fastpath.KEPT_ACTIVATION_BUDGET)")
+                        "the cheapest of the rest; default as run.py train: train.fastpath.activation_budget)")
+    p.add_argument("--checkpoint-whole-blocks", action="store_true",
+                   help="ours, compiled, ckpt configs: wrap each block in checkpoint() (budget 1 unless given), as "
+                        "run.py train did before the partitioner recomputed inside the compiled blocks")
     p.add_argument("--stack-autocast", choices=("on", "off", "both"), default="on",
                    help="time the stack under bf16 autocast (on), without it (off), or both")
     p.add_argument("--rank", type=int, default=64)

@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--fp8", action="store_true", help="the 4-bit base multiplies in FP8")
     p.add_argument("--activation-memory-budget", type=float, help="as bench_train.py's (default: as run.py train)")
+    p.add_argument("--checkpoint-whole-blocks", action="store_true", help="as bench_train.py's")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--rank", type=int, default=64)

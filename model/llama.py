@@ -198,18 +198,22 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.grad_checkpoint: bool | int = False  # True: recompute every block in backward; N: the first N
+        self.recompute_in_graph = False  # compiled blocks recompute by their memory budget, none under checkpoint()
 
-    def compile_blocks(self, activation_memory_budget: float = 1.0) -> None:
+    def compile_blocks(self, activation_memory_budget: float = 1.0, recompute_in_graph: bool = False) -> None:
         """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU. Below 1,
         `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather than keep
-        them (torch._functorch.config's, process-wide, read whenever a block compiles)."""
+        them (torch._functorch.config's, process-wide, read whenever a block compiles). With `recompute_in_graph`
+        that is all the recomputation there is: no block runs under checkpoint(), whatever grad_checkpoint says."""
         torch._functorch.config.activation_memory_budget = activation_memory_budget
+        self.recompute_in_graph = recompute_in_graph
         for block in self.model.layers:
             block.compile()
 
     def uncompile_blocks(self) -> None:
         for block in self.model.layers:
             block._compiled_call_impl = None  # what nn.Module.compile set
+        self.recompute_in_graph = False
 
     def hidden_states(self, tokens: Tensor, last: Tensor | None = None, packing: Packing | None = None) -> Tensor:
         """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]; with `last` [B], only those
@@ -222,7 +226,8 @@ class Llama(nn.Module):
         else:
             cos, sin = rope_cos_sin(self.inv_freq, packing.max_seqlen, x.dtype)
             cos, sin = cos[packing.positions], sin[packing.positions]
-        n_recomputed = len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint)
+        n_recomputed = (0 if self.recompute_in_graph else
+                        len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint))
         final = len(self.model.layers) - 1
         for i, block in enumerate(self.model.layers):
             args = (x, cos, sin, last if i == final else None, packing)

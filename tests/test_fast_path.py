@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from lora import apply_lora, lora_layers
 from model import load_llama
-from train.fastpath import KEPT_ACTIVATION_BUDGET, activation_budget
+from train.fastpath import (KEPT_ACTIVATION_BUDGET, RECOMPUTED_ACTIVATION_BUDGET, activation_budget,
+                            compile_for_training)
 from train.graphs import BackwardGraphs
 from train.objective import loss_sum
 from train.batch import right_padded
@@ -96,29 +97,49 @@ def test_final_block_on_last_positions_keeps_loss_and_gradients(tiny_checkpoint,
     assert (fast_loss - truth_loss).abs() <= 1.5 * (plain_loss - truth_loss).abs() + 1e-6 * truth_loss.abs()
 
 
-def test_blocks_keep_fewer_activations_unless_every_block_is_recomputed(tiny_checkpoint):
+def test_every_block_recomputed_is_left_to_the_partitioner(tiny_checkpoint, monkeypatch):
+    """Recomputing every block (True, or N >= the block count), the compiled blocks get the small budget and none
+    runs under checkpoint(); recomputing some, those run under checkpoint() and the rest keep fewer activations."""
     model = lora_model(tiny_checkpoint, "cpu", torch.float32)
     n_blocks = len(model.model.layers)
-    for grad_checkpoint, budget in ((False, KEPT_ACTIVATION_BUDGET), (1, KEPT_ACTIVATION_BUDGET),
-                                    (n_blocks - 1, KEPT_ACTIVATION_BUDGET), (n_blocks, 1.0), (n_blocks + 5, 1.0),
-                                    (True, 1.0)):
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: None)  # inductor on the CPU takes a minute
+    wrapped = []
+    monkeypatch.setattr("model.llama.checkpoint", lambda block, *args, **kwargs: wrapped.append(block) or block(*args))
+    for grad_checkpoint, budget, n_wrapped in (
+            (False, KEPT_ACTIVATION_BUDGET, 0), (1, KEPT_ACTIVATION_BUDGET, 1),
+            (n_blocks - 1, KEPT_ACTIVATION_BUDGET, n_blocks - 1), (n_blocks, RECOMPUTED_ACTIVATION_BUDGET, 0),
+            (n_blocks + 5, RECOMPUTED_ACTIVATION_BUDGET, 0), (True, RECOMPUTED_ACTIVATION_BUDGET, 0)):
         model.grad_checkpoint = grad_checkpoint
         assert activation_budget(model) == budget
+        try:
+            compile_for_training(model)
+            assert torch._functorch.config.activation_memory_budget == budget
+            wrapped.clear()
+            backward(model, [batch("cpu")], torch.float32)
+            assert len(wrapped) == n_wrapped
+        finally:
+            torch._functorch.config.activation_memory_budget = 1.0
+    model.uncompile_blocks()  # back to eager: checkpoint() recomputes again
+    wrapped.clear()
+    backward(model, [batch("cpu")], torch.float32)
+    assert len(wrapped) == n_blocks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compilation is a GPU lever")
-def test_kept_activation_budget_saves_fewer_bytes_for_the_same_loss_and_gradients(tiny_checkpoint):
-    """Compiled blocks that keep their activations (run.py's default unless every block is recomputed) keep fewer
-    under KEPT_ACTIVATION_BUDGET, recomputing the rest in the backward pass: the same loss and gradients to bf16's
-    rounding."""
+def test_activation_budgets_save_fewer_bytes_for_the_same_loss_and_gradients(tiny_checkpoint):
+    """Compiled blocks that keep their activations keep fewer under KEPT_ACTIVATION_BUDGET, and blocks all to be
+    recomputed fewer still under RECOMPUTED_ACTIVATION_BUDGET (no checkpoint()), recomputing the rest in the backward
+    pass: the same loss and gradients to bf16's rounding."""
     truth_loss, truth_grads = loss_and_grads(tiny_checkpoint, "cuda", torch.float32)
     plain_loss, plain_grads = loss_and_grads(tiny_checkpoint, "cuda", torch.bfloat16)
     scale, saved = truth_grads.abs().max(), {}
     try:
-        for budget in (1.0, KEPT_ACTIVATION_BUDGET):
+        for budget, grad_checkpoint in ((1.0, False), (KEPT_ACTIVATION_BUDGET, False),
+                                        (RECOMPUTED_ACTIVATION_BUDGET, True)):
             torch._dynamo.reset()
             model = lora_model(tiny_checkpoint, "cuda", torch.bfloat16)
-            model.compile_blocks(budget)
+            model.grad_checkpoint = grad_checkpoint
+            compile_for_training(model, budget)
             sizes = []
 
             def pack(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +154,7 @@ def test_kept_activation_budget_saves_fewer_bytes_for_the_same_loss_and_gradient
     finally:
         torch._dynamo.reset()
         torch._functorch.config.activation_memory_budget = 1.0
-    assert saved[KEPT_ACTIVATION_BUDGET] < saved[1.0]
+    assert saved[RECOMPUTED_ACTIVATION_BUDGET] < saved[KEPT_ACTIVATION_BUDGET] < saved[1.0]
 
 
 def steps_through(model, graphed, steps=4, seq_len=16):

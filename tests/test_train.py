@@ -204,7 +204,7 @@ def test_compiled_runs_pad_training_and_evaluation_batches(tiny_llama3, tables, 
     def recording_hidden_states(self, tokens, last=None, packing=None):
         widths.append(tokens.shape[1])
         return real_hidden_states(self, tokens, last, packing)
-    monkeypatch.setattr(Llama, "compile_blocks", lambda self, budget=1.0: None)  # inductor on the CPU takes a minute
+    monkeypatch.setattr(Llama, "compile_blocks", lambda self, *args, **kwargs: None)  # inductor on the CPU takes a minute
     monkeypatch.setattr(Llama, "hidden_states", recording_hidden_states)
     train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--packing", "off", *flags))
     assert widths and all(width % multiple == 0 for width in widths)
@@ -222,7 +222,7 @@ def test_eager_runs_avoid_cudnn_attention_and_compiled_ones_keep_it(tiny_llama3,
     def record(device):
         devices.append(device)  # on entering: a context made but never entered is not counted
         yield
-    monkeypatch.setattr(Llama, "compile_blocks", lambda self, budget=1.0: None)
+    monkeypatch.setattr(Llama, "compile_blocks", lambda self, *args, **kwargs: None)
     monkeypatch.setattr(train.loop, "attention_without_cudnn", record)
     monkeypatch.setattr(train.infer, "attention_without_cudnn", record)
     run_dir = train.loop.train(train_args(tiny_llama3, tables[0], tmp_path / "run", "--packing", "off", *flags))
