@@ -1,9 +1,11 @@
 """Inference on a realistic test table: rows/s of P(True) for ours beside transformers + peft + bitsandbytes.
 
-The table has 10,000 rows of random token ids whose lengths are drawn (with replacement) from the Llama-3 token
-counts of ../shared/data/gsm8k_verify/dev.csv under the with_solution template. Both models are the 4-bit
+The table has 10,000 rows shaped like ../shared/data/gsm8k_verify/dev.csv under the with_solution template and
+Meta's Llama-3 tokenizer: its question groups drawn with replacement, each copy with its rows' lengths and what they
+share (the template's instruction, then random tokens for the question), the rest random. Both models are the 4-bit
 checkpoint with a fresh LoRA (B = 0) on the seven projections. Ours runs train.predict.predict_p_true as `run.py
-infer` does by default (compiled blocks, rows packed into lines of each budget given) and as it did before
+infer` does by default (compiled blocks, rows packed into lines of each budget given, rows that begin alike sharing
+their common beginning), packed without sharing (key ours_unshared), and as it did before packing
 (`--packing off --eager`: token-budget batches, each padded to its longest row, attention without cuDNN); the stack runs
 batches of 32 rows in input order, left-padded with an attention mask, last position only (logits_to_keep=1).
 P(True) comes from the same two label-token logits.
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (DEV_CSV, checkpoint_path, clock, emit, env_info, implementations, load_stack,  # noqa: E402
                           parser, peak_memory, pick_device, ratio, release, reset_peak, stack_lora)
 from data import Tokenized, get_template, label_token_ids, read_table, tokenize_table  # noqa: E402
+from data.prefixes import common_prefix  # noqa: E402
 from lora import apply_lora  # noqa: E402
 from model import LlamaConfig, load_llama, load_tokenizer  # noqa: E402
 from model.fp8 import use_fp8  # noqa: E402
@@ -41,26 +44,38 @@ def llama3_tokenizer(path: str | None = None):
 
 
 def realistic_table(tokenizer, rows: int, vocab_size: int, seed: int) -> Tokenized:
-    """Random token ids (BOS first) in rows whose lengths follow dev.csv's with_solution prompts."""
+    """`rows` rows shaped like dev.csv's with_solution prompts: its question groups drawn with replacement; a copy
+    keeps the real tokens all dev.csv's rows begin with (BOS, the instruction), random tokens as long as what its
+    group's rows share beyond that (the question), and each row's own length, its remainder random."""
     template = get_template("with_solution")
     dev = read_table(DEV_CSV, "train", template)
-    dev_lengths = tokenize_table(dev, tokenizer, template, max_len=100_000).lengths
+    dev_table = tokenize_table(dev, tokenizer, template, max_len=100_000)
+    everyone = dev_table.row(0)
+    for i in range(len(dev_table)):
+        everyone = everyone[: common_prefix(everyone, dev_table.row(i))]
+    groups = []  # (tokens its rows share, their lengths)
+    for members in dev.groupby("group", sort=True).indices.values():
+        shared = min(int(dev_table.lengths[members].min()) - 1, min(
+            (common_prefix(dev_table.row(members[0]), dev_table.row(m)) for m in members[1:]), default=0))
+        groups.append((max(shared, len(everyone)), dev_table.lengths[members]))
     rng = np.random.default_rng(seed)
-    lengths = rng.choice(dev_lengths, size=rows, replace=True)
-    offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = rng.integers(0, vocab_size, size=offsets[-1], dtype=np.int32)
-    ids[offsets[:-1]] = tokenizer.bos_id
-    return Tokenized(ids, offsets, None, np.zeros(0, dtype=np.int64))
+    out = []
+    while len(out) < rows:
+        shared, lengths = groups[rng.integers(len(groups))]
+        question = rng.integers(0, vocab_size, shared - len(everyone))
+        out += [np.concatenate([everyone, question, rng.integers(0, vocab_size, n - shared)]) for n in lengths]
+    out = [out[i] for i in rng.permutation(len(out))[:rows]]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in out])]).astype(np.int64)
+    return Tokenized(np.concatenate(out).astype(np.int32), offsets, None, np.zeros(0, dtype=np.int64))
 
 
 def ours_p_true(model: torch.nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int, budget: int,
-                device: torch.device, packed: bool) -> np.ndarray:
-    """As `run.py infer` scores: packed lines of one shape, or token-budget batches with attention without cuDNN
-    (every batch has its own shape)."""
+                device: torch.device, packed: bool, share_prefixes: bool = True) -> np.ndarray:
+    """As `run.py infer` scores: packed lines of one shape (rows that begin alike sharing their beginning, or not),
+    or token-budget batches with attention without cuDNN (every batch has its own shape)."""
     if packed:
         return predict_p_true(model, table, label_ids, pad_id, budget, device, pack=True,
-                              max_seqlen=int(table.lengths.max()))
+                              share_prefixes=share_prefixes)
     with attention_without_cudnn(device):
         return predict_p_true(model, table, label_ids, pad_id, budget, device)
 
@@ -141,15 +156,14 @@ def main() -> None:
                 table, device)
             print(f"ours, unpacked eager, budget {budgets[0]}: {record['ours_unpacked_eager']}", file=sys.stderr)
             fast = FastPath(model, device, compile=device.type == "cuda")
-            for fp8 in (False, True) if args.fp8 else (False,):
-                if fp8:  # the same packed runs again, the base's products in FP8
+            for key, share in (("ours_unshared", False), ("ours", True)) + ((("ours_fp8", True),) if args.fp8 else ()):
+                if key == "ours_fp8":  # the same packed runs again, the base's products in FP8
                     use_fp8(model)
-                key = "ours_fp8" if fp8 else "ours"
                 record[key] = {}
                 for budget in budgets:
                     predictions[key, budget], record[key][budget] = timed(
                         lambda t: fast.run(lambda: ours_p_true(model, t, label_ids, tokenizer.pad_id, budget, device,
-                                                               packed=True)), table, device)
+                                                               packed=True, share_prefixes=share)), table, device)
                     record[key][budget]["vs_unpacked"] = agreement(predictions[key, budget], predictions["unpacked"])
                     print(f"{key}, packed, compiled: {fast.compiled}, budget {budget}: {record[key][budget]}",
                           file=sys.stderr)

@@ -9,7 +9,7 @@ from common.errors import UserError
 from data.tokenize import Tokenized
 
 BUCKET_BATCHES = 64  # rows are sorted by length within windows of this many steps
-MIN_ROW_TOKENS = 16  # a line holds at most budget // 16 rows, so that its per-row tensors have one size
+MIN_ROW_TOKENS = 16  # a line holds at most budget // 16 rows, whatever its table's shortest row
 
 
 def train_batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -42,11 +42,13 @@ def split_tokens(lengths: np.ndarray, rows: np.ndarray, parts: int) -> list[np.n
     return [np.sort(np.array(share, dtype=np.int64)) for share in shares]
 
 
-def scoring_shards(lengths: np.ndarray, parts: int) -> list[np.ndarray]:
-    """Every row position in one of `parts` shares of near-equal size and tokens (rows sorted by length, dealt in
-    turn): the rows each rank scores."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    return [np.sort(order[part::parts]) for part in range(parts)]
+def scoring_shards(table: Tokenized, parts: int) -> list[np.ndarray]:
+    """Every row position in one of `parts` shares of near-equal tokens, the rows each rank scores: the rows sorted
+    by their tokens and cut in `parts` runs, so that rows that begin alike are scored together (data.prefixes)."""
+    order = table.by_tokens(np.arange(len(table)))
+    ends = np.cumsum(table.lengths[order])
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts) if len(order) else np.zeros(parts - 1, int)
+    return [np.sort(share) for share in np.split(order, cuts)]
 
 
 def budget_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -85,51 +87,75 @@ def collate(
     return torch.from_numpy(tokens), torch.from_numpy(lengths), labels
 
 
-def max_rows_per_line(budget: int) -> int:
-    return max(1, budget // MIN_ROW_TOKENS)
+@dataclass(frozen=True)
+class LineShape:
+    """The one shape of every line packed from a table: `budget` tokens, sequences of at most `max_seqlen` (the
+    table's longest row) and at most `capacity` rows (as many as its shortest rows fill). Flash attention launches
+    work for every sequence slot up to max_seqlen, so neither is larger than the table needs."""
+    budget: int
+    max_seqlen: int
+    capacity: int
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, budget: int) -> "LineShape":
+        longest, shortest = (int(lengths.max()), int(lengths.min())) if len(lengths) else (1, 1)
+        if longest > budget:
+            raise UserError(f"token budget {budget} is smaller than the longest prompt ({longest} tokens)")
+        return cls(budget, longest, max(1, budget // max(MIN_ROW_TOKENS, shortest)))
 
 
-def pack_lines(lengths: np.ndarray, rows: np.ndarray, budget: int) -> list[np.ndarray]:
-    """`rows` (positions) in lines of at most `budget` tokens and `max_rows_per_line(budget)` rows: longest first,
-    each into the first line with room for it (first-fit decreasing), so that few lines carry padding."""
-    rows = np.asarray(rows, dtype=np.int64)
-    order = rows[np.argsort(-lengths[rows], kind="stable")]
-    if len(order) and lengths[order[0]] > budget:
-        raise UserError(f"token budget {budget} is smaller than the longest prompt ({lengths[order[0]]} tokens)")
-    capacity = max_rows_per_line(budget)
-    room = np.zeros(len(order), dtype=np.int64)  # free tokens of each line opened so far
-    count = np.zeros(len(order), dtype=np.int64)
+def first_fit_decreasing(sizes: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """The line of each item [n] with `sizes` [n, k] (tokens, rows, ...), no line over `limits` [k] in any: largest
+    first (by the first size), each into the first line with room for it, so that few lines carry padding."""
+    order = np.argsort(-sizes[:, 0], kind="stable")
+    room = np.zeros((len(order), sizes.shape[1]), dtype=np.int64)  # what each line opened so far has left
     line_of = np.empty(len(order), dtype=np.int64)
     n_lines = 0
-    for i, row in enumerate(order.tolist()):
-        fits = (room[:n_lines] >= lengths[row]) & (count[:n_lines] < capacity)
+    for item in order.tolist():
+        fits = (room[:n_lines] >= sizes[item]).all(axis=1)
         line = int(np.argmax(fits)) if fits.any() else n_lines
         if line == n_lines:
-            room[line], n_lines = budget, n_lines + 1
-        room[line] -= lengths[row]
-        count[line] += 1
-        line_of[i] = line
-    return [order[line_of == line] for line in range(n_lines)]
+            room[line], n_lines = limits, n_lines + 1
+        room[line] -= sizes[item]
+        line_of[item] = line
+    return line_of
+
+
+def pack_lines(lengths: np.ndarray, rows: np.ndarray, shape: LineShape) -> list[np.ndarray]:
+    """`rows` (positions) in lines of at most `shape.budget` tokens and `shape.capacity` rows, by first-fit
+    decreasing; each line's rows longest first."""
+    rows = np.asarray(rows, dtype=np.int64)
+    rows = rows[np.argsort(-lengths[rows], kind="stable")]
+    if len(rows) and lengths[rows[0]] > shape.max_seqlen:
+        raise ValueError(f"a row of {lengths[rows[0]]} tokens is longer than the line's {shape.max_seqlen}")
+    sizes = np.stack([lengths[rows], np.ones(len(rows), dtype=np.int64)], axis=1)
+    line_of = first_fit_decreasing(sizes, np.array([shape.budget, shape.capacity]))
+    return [rows[line_of == line] for line in range(line_of.max() + 1 if len(rows) else 0)]
 
 
 @dataclass
 class PackedLine:
-    """Rows laid end to end in `budget` tokens, every tensor of a size fixed by (budget, max_seqlen)."""
+    """Rows laid end to end in `budget` tokens, every tensor of a size fixed by the LineShape."""
     tokens: torch.Tensor  # int64 [1, budget]: the rows, then pad_id
     positions: torch.Tensor  # int64 [budget]: each token's position within its row (or padding chunk)
     cu_seqlens: torch.Tensor  # int32 [S + 1]: rows, padding chunks of at most max_seqlen, then empty sequences
     doc: torch.Tensor  # int64 [budget]: each token's sequence
-    last: torch.Tensor  # int64 [max_rows_per_line]: each row's last token; 0 in the empty slots
-    labels: torch.Tensor | None  # int64 [max_rows_per_line], 0 in the empty slots
-    weights: torch.Tensor  # float32 [max_rows_per_line]: 1 for a row, 0 for an empty slot
+    last: torch.Tensor  # int64 [capacity]: each row's last token; 0 in the empty slots
+    labels: torch.Tensor | None  # int64 [capacity], 0 in the empty slots
+    weights: torch.Tensor  # float32 [capacity]: 1 for a row, 0 for an empty slot
     max_seqlen: int
+    # With shared prefixes (data.prefixes) each sequence reads keys gathered from the line: a member its prefix's, then
+    # its own
+    kv_index: torch.Tensor | None = None  # int64 [K]: the line's token at each key
+    kv_doc: torch.Tensor | None = None  # int64 [K]: each key's sequence
+    cu_seqlens_k: torch.Tensor | None = None  # int32 [S + 1]
 
 
-def collate_line(tokenized: Tokenized, rows: np.ndarray, pad_id: int, budget: int, max_seqlen: int) -> PackedLine:
-    """The rows at `rows` (in that order) packed into one line; no row may be longer than max_seqlen."""
+def collate_line(tokenized: Tokenized, rows: np.ndarray, pad_id: int, shape: LineShape) -> PackedLine:
+    """The rows at `rows` (in that order) packed into one line of `shape`."""
     rows = np.asarray(rows, dtype=np.int64)
     lengths = tokenized.lengths[rows]
-    capacity = max_rows_per_line(budget)
+    budget, max_seqlen, capacity = shape.budget, shape.max_seqlen, shape.capacity
     used = int(lengths.sum())
     if len(rows) > capacity or used > budget or (len(rows) and lengths.max() > max_seqlen):
         raise ValueError(f"{len(rows)} rows of {used} tokens do not fit a line of {budget} tokens and {capacity} rows")

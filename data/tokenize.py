@@ -50,6 +50,11 @@ class Tokenized:
     def row(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
+    def by_tokens(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` (positions) sorted by their token ids, as words are: rows that begin alike lie side by side."""
+        return np.array(sorted(np.asarray(rows).tolist(), key=lambda r: self.row(r).astype(">u4").tobytes()),
+                        dtype=np.int64)
+
     def subset(self, indices: np.ndarray) -> "Tokenized":
         """The rows at `indices` (positions), in that order."""
         indices = np.asarray(indices, dtype=np.int64)

@@ -3,6 +3,7 @@
 Rows come right-padded, [B, T], or packed end to end into one line, [1, T], with a `Packing` that says where each
 row starts; then positions restart at each row and attention stays within it."""
 import math
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -22,11 +23,18 @@ except ImportError:
 class Packing(NamedTuple):
     """Where the rows of a packed line [1, T] lie: sequence s is positions cu_seqlens[s]:cu_seqlens[s + 1] (the
     rows, then the padding, then empty sequences so that every line has the same number); `doc` [T] is each
-    position's sequence, `positions` [T] its position within it. No sequence is longer than `max_seqlen`."""
+    position's sequence, `positions` [T] its position within it. No sequence is longer than `max_seqlen`.
+
+    With `kv_index`, sequence s reads the keys at kv_index[cu_seqlens_k[s]:cu_seqlens_k[s + 1]] (`kv_doc`: each key's
+    sequence), which may begin with another sequence's: a shared prefix, computed once for the rows that follow it.
+    Its queries are the last of its keys, so each sees the keys up to itself."""
     cu_seqlens: Tensor  # int32 [S + 1]
     doc: Tensor  # int64 [T]
     positions: Tensor  # int64 [T]
     max_seqlen: int
+    kv_index: Tensor | None = None  # int64 [K]
+    kv_doc: Tensor | None = None  # int64 [K]
+    cu_seqlens_k: Tensor | None = None  # int32 [S + 1]
 
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
@@ -67,17 +75,24 @@ def repeat_kv(x: Tensor, n_heads: int, dim: int) -> Tensor:
 
 
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing) -> Tensor:
-    """Causal attention within each sequence of a packed line: q [T, H, hd], k and v [T, KV, hd] → [T, H, hd].
-    Flash attention's variable-length kernel on CUDA; elsewhere one scaled_dot_product_attention per sequence."""
-    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    """Causal attention within each sequence of a packed line (and its shared prefix, with `packing.kv_index`):
+    q [T, H, hd], k and v [T, KV, hd] → [T, H, hd]. Flash attention's variable-length kernel on CUDA, whose causal
+    mask ends at the sequence's last key; elsewhere one scaled_dot_product_attention per sequence."""
+    n_heads = q.shape[1]
+    cu_q, cu_k = packing.cu_seqlens, packing.cu_seqlens
+    if packing.kv_index is not None:
+        k, v, cu_k = k[packing.kv_index], v[packing.kv_index], packing.cu_seqlens_k
+    k, v = repeat_kv(k, n_heads, 1), repeat_kv(v, n_heads, 1)
     if q.is_cuda and varlen_attn is not None and q.dtype in (torch.bfloat16, torch.float16):
-        k, v = repeat_kv(k, n_heads, 1), repeat_kv(v, n_heads, 1)
-        cu = packing.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen, window_size=(-1, 0))
-    bounds = packing.cu_seqlens.tolist()
-    pieces = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                             enable_gqa=n_kv_heads != n_heads).transpose(0, 1)
-              for a, b in zip(bounds, bounds[1:]) if b > a]
+        return varlen_attn(q, k, v, cu_q, cu_k, packing.max_seqlen, packing.max_seqlen, window_size=(-1, 0))
+    pieces = []
+    for (qa, qb), (ka, kb) in zip(pairwise(cu_q.tolist()), pairwise(cu_k.tolist())):
+        if qb > qa:
+            before = (kb - ka) - (qb - qa)  # keys ahead of the first query: a shared prefix
+            sees = torch.ones(qb - qa, kb - ka, dtype=torch.bool, device=q.device).tril(before) if before else None
+            pieces.append(F.scaled_dot_product_attention(q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1),
+                                                         v[ka:kb].transpose(0, 1), attn_mask=sees,
+                                                         is_causal=not before).transpose(0, 1))
     return torch.cat(pieces)
 
 
@@ -137,8 +152,12 @@ class Attention(nn.Module):
         else:  # one query per row, seeing its own row up to itself
             q = apply_rope(self.q_proj(x[last]).view(len(last), self.n_heads, self.head_dim),
                            cos[last, None], sin[last, None])
-            visible = ((packing.doc == packing.doc[last, None])
-                       & (torch.arange(seq_len, device=x.device) <= last[:, None]))  # [R, T]
+            if packing.kv_index is None:
+                visible = ((packing.doc == packing.doc[last, None])
+                           & (torch.arange(seq_len, device=x.device) <= last[:, None]))  # [R, T]
+            else:  # a row's last token sees all its sequence's keys
+                k, v = k[packing.kv_index], v[packing.kv_index]
+                visible = packing.kv_doc == packing.doc[last, None]  # [R, K]
             y = F.scaled_dot_product_attention(q.transpose(0, 1), repeat_kv(k, self.n_heads, 1).transpose(0, 1),
                                                repeat_kv(v, self.n_heads, 1).transpose(0, 1), attn_mask=visible)
             y = y.transpose(0, 1)

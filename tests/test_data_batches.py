@@ -53,13 +53,20 @@ def test_split_tokens_deals_every_row_once_in_near_equal_token_shares():
     assert [len(s) for s in split_tokens(lengths, rows[:1], 2)] == [1, 0]  # fewer rows than ranks: an empty share
 
 
-def test_scoring_shards_cover_every_row_once_with_even_tokens():
+def test_scoring_shards_cover_every_row_once_with_even_tokens_and_keep_alike_rows_together():
     lengths = lengths_of(1_001)
-    shards = scoring_shards(lengths, 4)
+    rng = np.random.default_rng(5)
+    starts = rng.integers(0, 30, size=(100, 8))  # 100 beginnings, ~10 rows each
+    ids = [np.concatenate([starts[i % 100], rng.integers(0, 30, n - 8)]) for i, n in enumerate(lengths + 8)]
+    offsets = np.concatenate([[0], np.cumsum(lengths + 8)])
+    table = Tokenized(np.concatenate(ids).astype(np.int32), offsets, None, np.zeros(0, dtype=np.int64))
+    shards = scoring_shards(table, 4)
     assert sorted(np.concatenate(shards).tolist()) == list(range(1_001))
-    assert {len(s) for s in shards} <= {250, 251}
-    totals = [int(lengths[s].sum()) for s in shards]
-    assert max(totals) - min(totals) <= lengths.max()
+    totals = [int(table.lengths[s].sum()) for s in shards]
+    assert max(totals) - min(totals) <= 2 * table.lengths.max()
+    beginnings = [{tuple(starts[i % 100]) for i in s} for s in shards]
+    assert sum(len(b) for b in beginnings) <= 100 + 3  # a beginning is split only where a share ends
+    assert sorted(len(s) for s in scoring_shards(table.subset(np.arange(2)), 4)) == [0, 0, 1, 1]  # fewer rows than ranks
 
 
 def test_budget_batches_fill_the_budget_and_cover_every_row():

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import train.loop
 from conftest import train_args
-from data import Tokenized, collate_line, max_rows_per_line, pack_lines
+from data import LineShape, Tokenized, collate_line, pack_lines
 from lora import apply_lora, lora_layers
 from model import load_llama
 from model.llama import Packing, packed_causal_attention
@@ -41,24 +41,30 @@ def lora_model(checkpoint):
 
 def test_lines_hold_every_row_once_within_budget_and_capacity():
     lengths = np.random.default_rng(0).integers(1, 200, size=500)
-    lines = pack_lines(lengths, np.arange(500), 512)
+    shape = LineShape.of(lengths, 512)
+    assert shape.max_seqlen == lengths.max() and shape.capacity == 512 // 16  # rows as short as 1 token: at most 32
+    lines = pack_lines(lengths, np.arange(500), shape)
     assert sorted(np.concatenate(lines).tolist()) == list(range(500))
-    assert all(lengths[line].sum() <= 512 and len(line) <= max_rows_per_line(512) for line in lines)
+    assert all(lengths[line].sum() <= 512 and len(line) <= shape.capacity for line in lines)
     assert len(lines) <= -(-lengths.sum() // 512) + 2  # first-fit decreasing wastes little
-    assert all(np.array_equal(a, b) for a, b in zip(lines, pack_lines(lengths, np.arange(500), 512)))
+    assert all(np.array_equal(a, b) for a, b in zip(lines, pack_lines(lengths, np.arange(500), shape)))
+    long_rows = LineShape.of(lengths + 100, 512)  # rows of at least 101 tokens: at most 5 a line
+    assert long_rows.capacity == 5 and all(len(line) <= 5 for line in pack_lines(lengths + 100, np.arange(500),
+                                                                                   long_rows))
 
 
 def test_a_line_restarts_positions_at_each_row_and_has_one_shape():
     table = random_table([5, 3, 7])
-    line = collate_line(table, np.array([2, 0, 1]), pad_id=0, budget=64, max_seqlen=16)
-    assert line.tokens.shape == (1, 64) and line.last.shape == (max_rows_per_line(64),)
+    shape = LineShape(budget=64, max_seqlen=16, capacity=4)
+    line = collate_line(table, np.array([2, 0, 1]), pad_id=0, shape=shape)
+    assert line.tokens.shape == (1, 64) and line.last.shape == (4,)
     assert line.tokens[0, :15].tolist() == [*table.row(2), *table.row(0), *table.row(1)]
     assert line.positions[:15].tolist() == [*range(7), *range(5), *range(3)]
     assert line.cu_seqlens.tolist()[:4] == [0, 7, 12, 15] and line.cu_seqlens[-1] == 64
     assert (np.diff(line.cu_seqlens.numpy()) <= 16).all()  # padding comes in chunks of at most max_seqlen
     assert line.last.tolist()[:3] == [6, 11, 14] and line.weights.tolist()[:4] == [1, 1, 1, 0]
     assert line.labels.tolist()[:3] == table.labels[[2, 0, 1]].tolist()
-    other = collate_line(table, np.array([1]), pad_id=0, budget=64, max_seqlen=16)
+    other = collate_line(table, np.array([1]), pad_id=0, shape=shape)
     assert all(a.shape == b.shape for a, b in zip((line.cu_seqlens, line.doc, line.last), (other.cu_seqlens,
                                                                                           other.doc, other.last)))
 
@@ -82,7 +88,7 @@ def test_a_packed_line_gives_each_rows_loss_p_true_and_gradients_as_one_by_one(t
     model = lora_model(tiny_checkpoint)
     lengths = [9, 23, 4, 17, 1, 30]
     table = random_table(lengths, seed=1)
-    lines = packed_rows(table, np.arange(len(lengths)), pad_id=0, budget=64, max_seqlen=32)
+    lines = packed_rows(table, np.arange(len(lengths)), pad_id=0, shape=LineShape.of(table.lengths, 64))
     assert len(lines) == 2
 
     def one_by_one(i):
@@ -105,7 +111,7 @@ def test_a_packed_line_gives_each_rows_loss_p_true_and_gradients_as_one_by_one(t
     for got, want in zip((p.grad for p in params), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
-    packed = predict_p_true(model, table, LABEL_IDS, 0, 64, torch.device("cpu"), pack=True, max_seqlen=32)
+    packed = predict_p_true(model, table, LABEL_IDS, 0, 64, torch.device("cpu"), pack=True)
     torch.testing.assert_close(torch.from_numpy(packed), torch.softmax(alone, -1)[:, 1], rtol=1e-5, atol=1e-6)
 
 
@@ -163,7 +169,7 @@ def test_cuda_graphs_replay_packed_lines_within_bf16s_own_error(tiny_checkpoint)
         losses = []
         for step in range(4):
             rows = np.arange(10 * step, 10 * step + 10)
-            lines = [r.to("cuda") for _, r in packed_rows(table, rows, 0, budget=256, max_seqlen=64)]
+            lines = [r.to("cuda") for _, r in packed_rows(table, rows, 0, LineShape.of(table.lengths, 256))]
             losses.append(optimizer_step(model, optimizer, lines, label_ids, max_grad_norm=1e9, graphs=graphs,
                                          dtype=dtype)[0])
         return torch.tensor(losses), grads

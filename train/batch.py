@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data import Tokenized, collate, collate_line, pack_lines
+from data import LineShape, PackedLine, Tokenized, collate, collate_line, pack_lines
 from model.llama import Packing
 
 
@@ -48,16 +48,19 @@ def padded_rows(table: Tokenized, rows: np.ndarray, pad_id: int, pad_to_multiple
     return right_padded(*collate(table, rows, pad_id, pad_to_multiple))
 
 
-def line_rows(table: Tokenized, positions: np.ndarray, pad_id: int, budget: int, max_seqlen: int) -> Rows:
-    """The rows at `positions` packed into one line of `budget` tokens."""
-    line = collate_line(table, positions, pad_id, budget, max_seqlen)
-    packing = Packing(line.cu_seqlens, line.doc, line.positions, line.max_seqlen)
-    return Rows(line.tokens, line.last, line.labels, len(positions), line.weights, packing)
+def line_as_rows(line: PackedLine, n_rows: int) -> Rows:
+    packing = Packing(line.cu_seqlens, line.doc, line.positions, line.max_seqlen, line.kv_index, line.kv_doc,
+                      line.cu_seqlens_k)
+    return Rows(line.tokens, line.last, line.labels, n_rows, line.weights, packing)
 
 
-def packed_rows(table: Tokenized, rows: np.ndarray, pad_id: int, budget: int,
-                max_seqlen: int) -> list[tuple[np.ndarray, Rows]]:
-    """`rows` packed into as few lines of `budget` tokens as first-fit decreasing finds, all of one shape: the row
-    positions of each line, in the line's order, and its Rows."""
-    return [(positions, line_rows(table, positions, pad_id, budget, max_seqlen))
-            for positions in pack_lines(table.lengths, rows, budget)]
+def line_rows(table: Tokenized, positions: np.ndarray, pad_id: int, shape: LineShape) -> Rows:
+    """The rows at `positions` packed into one line of `shape`."""
+    return line_as_rows(collate_line(table, positions, pad_id, shape), len(positions))
+
+
+def packed_rows(table: Tokenized, rows: np.ndarray, pad_id: int, shape: LineShape) -> list[tuple[np.ndarray, Rows]]:
+    """`rows` packed into as few lines of `shape` as first-fit decreasing finds: the row positions of each line, in
+    the line's order, and its Rows."""
+    return [(positions, line_rows(table, positions, pad_id, shape))
+            for positions in pack_lines(table.lengths, rows, shape)]

@@ -103,7 +103,7 @@ class World:
 def scoring_share(table: Tokenized, world: World) -> tuple[Tokenized, list[np.ndarray]]:
     """This rank's share of the rows to score (the whole table in one process) and every rank's row positions, for
     `World.gather`."""
-    shards = scoring_shards(table.lengths, world.size)
+    shards = scoring_shards(table, world.size)
     return (table if world.size == 1 else table.subset(shards[world.rank])), shards
 
 

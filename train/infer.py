@@ -158,7 +158,7 @@ def score_table(run: TrainedRun, df: pd.DataFrame, world: World = World()) -> np
     with (tqdm(total=len(table), desc="score", unit="row", dynamic_ncols=True, disable=not world.main) as bar,
           contextlib.nullcontext() if run.pack else attention_without_cudnn(run.device)):
         p_true = fast.run(lambda: predict_p_true(model, table, base.label_ids, base.tokenizer.pad_id, run.batch_tokens,
-                                                 run.device, progress=bar, pack=run.pack, max_seqlen=run.max_len,
+                                                 run.device, progress=bar, pack=run.pack,
                                                  dtype=base.numerics.compute_dtype),
                           reset=bar.reset)
     p_true = world.gather(p_true, shards, len(df))

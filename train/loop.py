@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from common.errors import Interrupted, UserError
 from common.files import append_jsonl, atomic_write, read_json_lines, write_json
-from data import (Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val, table_labels,
-                  tokenize_table)
+from data import (LineShape, Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val,
+                  table_labels, tokenize_table)
 from data.answers import question_key
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
@@ -261,14 +261,14 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
                     loss_kind=args.loss, dtype=dtype)
     scaler = base.numerics.scaler()
     pad_to = COMPILED_PAD if fast.compiled and not pack else 1
+    line_shape = LineShape.of(train_table.lengths, args.pack_tokens) if pack else None
 
     def step_rows(batches: list[np.ndarray]) -> list[Rows]:
         """This rank's micro-batches of a step: its share of the step's rows packed into lines (shares of equal
         tokens), or its share of the right-padded bucketed batches."""
         if pack:
             rows = split_tokens(train_table.lengths, np.concatenate(batches), world.size)[world.rank]
-            return [line for _, line in packed_rows(train_table, rows, base.tokenizer.pad_id, args.pack_tokens,
-                                                    args.max_len)]
+            return [line for _, line in packed_rows(train_table, rows, base.tokenizer.pad_id, line_shape)]
         return [padded_rows(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in batches[world.rank::world.size]]
 
     progress = {"step": 0, "epoch": 0, "index": 0, "best_score": None, "best_step": None, "stale_evals": 0,
@@ -308,7 +308,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
             shard = fast.run(lambda: predict_p_true(
                 model, val_share, base.label_ids, base.tokenizer.pad_id,
                 args.eval_batch_tokens or (args.pack_tokens if pack else None), device, pad_to_multiple=pad_to,
-                pack=pack, max_seqlen=args.max_len, dtype=dtype))
+                pack=pack, dtype=dtype))
         p_true = world.gather(shard, val_shards, len(val_table))
         if not np.isfinite(p_true).all():
             raise UserError(f"evaluation at step {progress['step']}: {np.count_nonzero(~np.isfinite(p_true))} "

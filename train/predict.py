@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data import Tokenized, budget_batches, pack_lines, padded_length
-from train.batch import Rows, line_rows, padded_rows
+from data import LineShape, Tokenized, budget_batches, pack_lines, padded_length
+from data.prefixes import collate_families, pack_families, prefix_families
+from train.batch import Rows, line_as_rows, line_rows, padded_rows
 from train.objective import label_logits
 
 
@@ -35,13 +36,20 @@ def default_batch_tokens(device: torch.device) -> int:
     return 32768 if device.type == "cuda" else 2048
 
 
-def scoring_batches(table: Tokenized, pad_id: int, max_batch_tokens: int, pack: bool, max_seqlen: int | None = None,
-                    pad_to_multiple: int = 1) -> Iterator[tuple[np.ndarray, Rows]]:
+def scoring_batches(table: Tokenized, pad_id: int, max_batch_tokens: int, pack: bool, pad_to_multiple: int = 1,
+                    share_prefixes: bool = True) -> Iterator[tuple[np.ndarray, Rows]]:
     """(row positions, rows) of every scoring batch, collated as they are needed: lines of `max_batch_tokens` packed
-    rows (rows no longer than `max_seqlen`), or right-padded batches of at most that many tokens, longest first."""
-    if pack:
-        for positions in pack_lines(table.lengths, np.arange(len(table)), max_batch_tokens):
-            yield positions, line_rows(table, positions, pad_id, max_batch_tokens, max_seqlen or max_batch_tokens)
+    rows (rows that begin alike sharing their common beginning, with `share_prefixes`), or right-padded batches of
+    at most that many tokens, longest first."""
+    if pack and share_prefixes:
+        shape = LineShape.of(table.lengths, max_batch_tokens)
+        for families in pack_families(prefix_families(table, np.arange(len(table)), shape), table.lengths, shape):
+            positions, line = collate_families(table, families, pad_id, shape)
+            yield positions, line_as_rows(line, len(positions))
+    elif pack:
+        shape = LineShape.of(table.lengths, max_batch_tokens)
+        for positions in pack_lines(table.lengths, np.arange(len(table)), shape):
+            yield positions, line_rows(table, positions, pad_id, shape)
     else:
         for indices in budget_batches(padded_length(table.lengths, pad_to_multiple), max_batch_tokens):
             yield indices, padded_rows(table, indices, pad_id, pad_to_multiple)
@@ -50,18 +58,19 @@ def scoring_batches(table: Tokenized, pad_id: int, max_batch_tokens: int, pack: 
 @torch.no_grad()
 def predict_p_true(model: nn.Module, table: Tokenized, label_ids: torch.Tensor, pad_id: int,
                    max_batch_tokens: int | None, device: torch.device, progress=None,
-                   pad_to_multiple: int = 1, pack: bool = False, max_seqlen: int | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> np.ndarray:
+                   pad_to_multiple: int = 1, pack: bool = False, dtype: torch.dtype = torch.bfloat16,
+                   share_prefixes: bool = True) -> np.ndarray:
     """P(True) for every row of `table`, in the table's order; batches of at most `max_batch_tokens`
-    (default: `default_batch_tokens`, or the longest row where that is longer): lines of packed rows, or batches
-    each padded to a multiple of `pad_to_multiple` tokens; on CUDA under `dtype` autocast."""
+    (default: `default_batch_tokens`, or the longest row where that is longer): lines of packed rows (rows that begin
+    alike computing their common beginning once, unless not `share_prefixes`), or batches each padded to a multiple
+    of `pad_to_multiple` tokens; on CUDA under `dtype` autocast."""
     padded = padded_length(table.lengths, pad_to_multiple)
     if max_batch_tokens is None and len(table):
         max_batch_tokens = max(default_batch_tokens(device), int(padded.max()))
     was_training = model.training
     model.eval()
     p_true = np.empty(len(table), dtype=np.float32)
-    for indices, rows in scoring_batches(table, pad_id, max_batch_tokens, pack, max_seqlen, pad_to_multiple):
+    for indices, rows in scoring_batches(table, pad_id, max_batch_tokens, pack, pad_to_multiple, share_prefixes):
         with autocast(device, dtype):
             logits = label_logits(model, rows.to(device), label_ids)
         p_true[indices] = torch.softmax(logits, dim=-1)[: len(indices), 1].cpu().numpy()
