@@ -68,10 +68,7 @@ def ours(path: Path, device: torch.device, args) -> tuple[Callable, Callable, to
         model.grad_checkpoint = on
         if args.compile:  # compile anew, under this mode's budget
             torch._dynamo.reset()
-            if args.checkpoint_whole_blocks and on is True:  # as before: each recomputed block under checkpoint()
-                model.compile_blocks(args.activation_memory_budget or 1.0)
-            else:
-                compile_for_training(model, args.activation_memory_budget)
+            compile_for_training(model, not args.checkpoint_whole_blocks, args.activation_memory_budget)
         if args.cuda_graphs:  # graphs recorded before hold the other mode's pass
             graphs = graphed_backward(model, params, label_ids)
 
@@ -166,8 +163,8 @@ def main() -> None:
                         "block's activations its partitioner may keep for the backward pass (below 1 it recomputes "
                         "the cheapest of the rest; default as run.py train: train.fastpath.activation_budget)")
     p.add_argument("--checkpoint-whole-blocks", action="store_true",
-                   help="ours, compiled, ckpt configs: wrap each block in checkpoint() (budget 1 unless given), as "
-                        "run.py train did before the partitioner recomputed inside the compiled blocks")
+                   help="ours, compiled, configs recomputing every block: wrap each in checkpoint() (budget 1 unless "
+                        "given), as run.py train did before the partitioner recomputed inside the compiled blocks")
     p.add_argument("--stack-autocast", choices=("on", "off", "both"), default="on",
                    help="time the stack under bf16 autocast (on), without it (off), or both")
     p.add_argument("--rank", type=int, default=64)

@@ -47,7 +47,8 @@ def scoring_shards(table: Tokenized, parts: int) -> list[np.ndarray]:
     by their tokens and cut in `parts` runs, so that rows that begin alike are scored together (data.prefixes)."""
     order = table.by_tokens(np.arange(len(table)))
     ends = np.cumsum(table.lengths[order])
-    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts) if len(order) else np.zeros(parts - 1, int)
+    cuts = (np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts, side="right") if len(order)
+            else np.zeros(parts - 1, dtype=np.int64))
     return [np.sort(share) for share in np.split(order, cuts)]
 
 
@@ -138,7 +139,8 @@ class PackedLine:
     """Rows laid end to end in `budget` tokens, every tensor of a size fixed by the LineShape."""
     tokens: torch.Tensor  # int64 [1, budget]: the rows, then pad_id
     positions: torch.Tensor  # int64 [budget]: each token's position within its row (or padding chunk)
-    cu_seqlens: torch.Tensor  # int32 [S + 1]: rows, padding chunks of at most max_seqlen, then empty sequences
+    cu_seqlens: torch.Tensor  # int32 [S + 1]: rows (shared prefixes among them), padding chunks of at most max_seqlen,
+    # then sequences with no token (with shared prefixes, those hold the unused keys)
     doc: torch.Tensor  # int64 [budget]: each token's sequence
     last: torch.Tensor  # int64 [capacity]: each row's last token; 0 in the empty slots
     labels: torch.Tensor | None  # int64 [capacity], 0 in the empty slots

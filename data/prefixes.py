@@ -44,7 +44,7 @@ def prefix_families(table: Tokenized, rows: np.ndarray, shape: LineShape) -> lis
     families, members, shared = [], [order[0]], 0
     row_tokens = int(lengths[order[0]])  # of the members, whole
     for previous, row in zip(order, order[1:]):
-        limit = min(int(lengths[m]) for m in (previous, row)) - 1  # every member keeps a token of its own
+        limit = min(int(lengths[previous]), int(lengths[row])) - 1  # every member keeps a token of its own
         candidate = min(common_prefix(table.row(previous), table.row(row)), limit,
                         shared if len(members) > 1 else limit)
         n = len(members) + 1
@@ -73,9 +73,9 @@ def pack_families(families: list[Family], lengths: np.ndarray, shape: LineShape)
 
 
 def max_sequences(shape: LineShape) -> int:
-    """Sequences of a line with shared prefixes: rows, at most one prefix per two rows, padding chunks, then the
-    chunks that hold the unused keys."""
-    return shape.capacity + shape.capacity // 2 + 2 * -(-KV_PER_TOKEN * shape.budget // shape.max_seqlen)
+    """Sequences of a line with shared prefixes: rows, at most one prefix per two rows, padding chunks (fewer than
+    budget tokens), then the chunks that hold the unused keys (fewer than budget too: each token reads its own)."""
+    return shape.capacity + shape.capacity // 2 + 2 * -(-shape.budget // shape.max_seqlen)
 
 
 def collate_families(tokenized: Tokenized, families: list[Family], pad_id: int,

@@ -223,7 +223,8 @@ class Llama(nn.Module):
         """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU. Below 1,
         `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather than keep
         them (torch._functorch.config's, process-wide, read whenever a block compiles). With `recompute_in_graph`
-        that is all the recomputation there is: no block runs under checkpoint(), whatever grad_checkpoint says."""
+        that is all the recomputation there is: no block runs under checkpoint(), whatever grad_checkpoint says (for
+        blocks that compile to one graph, train.fastpath.blocks_compile_whole)."""
         torch._functorch.config.activation_memory_budget = activation_memory_budget
         self.recompute_in_graph = recompute_in_graph
         for block in self.model.layers:

@@ -67,6 +67,9 @@ def test_scoring_shards_cover_every_row_once_with_even_tokens_and_keep_alike_row
     beginnings = [{tuple(starts[i % 100]) for i in s} for s in shards]
     assert sum(len(b) for b in beginnings) <= 100 + 3  # a beginning is split only where a share ends
     assert sorted(len(s) for s in scoring_shards(table.subset(np.arange(2)), 4)) == [0, 0, 1, 1]  # fewer rows than ranks
+    equal = Tokenized(np.arange(800, dtype=np.int32), np.arange(0, 801, 100), None, np.zeros(0, dtype=np.int64))
+    assert [len(s) for s in scoring_shards(equal, 2)] == [4, 4]  # a row ending on a cut stays before it
+    assert [len(s) for s in scoring_shards(equal.subset(np.arange(2)), 2)] == [1, 1]
 
 
 def test_budget_batches_fill_the_budget_and_cover_every_row():

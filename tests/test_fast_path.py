@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lora import apply_lora, lora_layers
 from model import load_llama
 from train.fastpath import (KEPT_ACTIVATION_BUDGET, RECOMPUTED_ACTIVATION_BUDGET, activation_budget,
-                            compile_for_training)
+                            blocks_compile_whole, compile_for_training)
 from train.graphs import BackwardGraphs
 from train.objective import loss_sum
 from train.batch import right_padded
@@ -97,28 +97,37 @@ def test_final_block_on_last_positions_keeps_loss_and_gradients(tiny_checkpoint,
     assert (fast_loss - truth_loss).abs() <= 1.5 * (plain_loss - truth_loss).abs() + 1e-6 * truth_loss.abs()
 
 
-def test_every_block_recomputed_is_left_to_the_partitioner(tiny_checkpoint, monkeypatch):
-    """Recomputing every block (True, or N >= the block count), the compiled blocks get the small budget and none
-    runs under checkpoint(); recomputing some, those run under checkpoint() and the rest keep fewer activations."""
+def test_every_block_recomputed_is_left_to_the_partitioner_where_blocks_compile_whole(tiny_checkpoint, monkeypatch):
+    """Recomputing every block (True, or N >= the block count) where a block compiles to one graph, the compiled
+    blocks get the small budget and none runs under checkpoint(); elsewhere each runs under checkpoint(), budget 1.
+    Recomputing some, those run under checkpoint() and the rest keep fewer activations."""
+    assert blocks_compile_whole(torch.device("cuda"), torch.bfloat16)
+    assert blocks_compile_whole(torch.device("cuda"), torch.float16)
+    assert not blocks_compile_whole(torch.device("cuda"), torch.float32)  # packed attention loops on the host
+    assert not blocks_compile_whole(torch.device("cpu"), torch.bfloat16)
     model = lora_model(tiny_checkpoint, "cpu", torch.float32)
     n_blocks = len(model.model.layers)
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: None)  # inductor on the CPU takes a minute
     wrapped = []
     monkeypatch.setattr("model.llama.checkpoint", lambda block, *args, **kwargs: wrapped.append(block) or block(*args))
-    for grad_checkpoint, budget, n_wrapped in (
-            (False, KEPT_ACTIVATION_BUDGET, 0), (1, KEPT_ACTIVATION_BUDGET, 1),
-            (n_blocks - 1, KEPT_ACTIVATION_BUDGET, n_blocks - 1), (n_blocks, RECOMPUTED_ACTIVATION_BUDGET, 0),
-            (n_blocks + 5, RECOMPUTED_ACTIVATION_BUDGET, 0), (True, RECOMPUTED_ACTIVATION_BUDGET, 0)):
+    for grad_checkpoint, in_graph, budget, n_wrapped in (
+            (False, True, KEPT_ACTIVATION_BUDGET, 0), (1, True, KEPT_ACTIVATION_BUDGET, 1),
+            (n_blocks - 1, True, KEPT_ACTIVATION_BUDGET, n_blocks - 1),
+            (n_blocks, True, RECOMPUTED_ACTIVATION_BUDGET, 0), (n_blocks + 5, True, RECOMPUTED_ACTIVATION_BUDGET, 0),
+            (True, True, RECOMPUTED_ACTIVATION_BUDGET, 0), (True, False, 1.0, n_blocks),
+            (1, False, KEPT_ACTIVATION_BUDGET, 1)):
         model.grad_checkpoint = grad_checkpoint
-        assert activation_budget(model) == budget
+        assert activation_budget(model, in_graph) == budget
         try:
-            compile_for_training(model)
+            compile_for_training(model, in_graph)
             assert torch._functorch.config.activation_memory_budget == budget
             wrapped.clear()
             backward(model, [batch("cpu")], torch.float32)
             assert len(wrapped) == n_wrapped
         finally:
             torch._functorch.config.activation_memory_budget = 1.0
+    model.grad_checkpoint = True
+    compile_for_training(model, True)
     model.uncompile_blocks()  # back to eager: checkpoint() recomputes again
     wrapped.clear()
     backward(model, [batch("cpu")], torch.float32)
@@ -139,7 +148,7 @@ def test_activation_budgets_save_fewer_bytes_for_the_same_loss_and_gradients(tin
             torch._dynamo.reset()
             model = lora_model(tiny_checkpoint, "cuda", torch.bfloat16)
             model.grad_checkpoint = grad_checkpoint
-            compile_for_training(model, budget)
+            compile_for_training(model, True, budget)
             sizes = []
 
             def pack(t: torch.Tensor) -> torch.Tensor:

@@ -108,14 +108,15 @@ def adapters_equal(a: Path, b: Path) -> bool:
     return expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sent, flags", [(signal.SIGINT, ()),
+                                         (signal.SIGTERM, ("--packing", "on", "--pack-tokens", "300", "--grad-checkpoint"))])
 def test_a_signal_stops_at_the_step_boundary_and_resume_ends_with_the_same_adapter(tiny_llama3, tables, tmp_path,
-                                                                                  monkeypatch, sent):
+                                                                                  monkeypatch, sent, flags):
     train_csv, _ = tables
-    straight = train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "straight"))
+    straight = train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "straight", *flags))
     signal_at_step(monkeypatch, 3, sent)  # during the 4th step, between two checkpoints (every 3 steps)
     with pytest.raises(UserError, match=rf"^{sent.name} at step 4: checkpoint saved; continue with"):
-        train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "resumed"))
+        train.loop.train(train_args(tiny_llama3, train_csv, tmp_path / "resumed", *flags))
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())["progress"]["step"] == 4
     monkeypatch.undo()
     monkeypatch.setenv("LLAMA_JUDGE_CACHE", str(tmp_path / "cache"))

@@ -35,17 +35,29 @@ def recomputes_every_block(model: nn.Module) -> bool:
     return model.grad_checkpoint is True or model.grad_checkpoint >= len(model.model.layers)
 
 
-def activation_budget(model: nn.Module) -> float:
-    """RECOMPUTED_ACTIVATION_BUDGET where every block is to be recomputed, else KEPT_ACTIVATION_BUDGET (the blocks
-    `--grad-checkpoint N` names run under checkpoint(), which the budget does not change)."""
-    return RECOMPUTED_ACTIVATION_BUDGET if recomputes_every_block(model) else KEPT_ACTIVATION_BUDGET
+def blocks_compile_whole(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a block compiles to one graph: on CUDA in bf16 or fp16, where packed attention is flash attention's
+    variable-length kernel. Elsewhere it loops over a line's sequences on the host; the loop breaks the graph, and
+    what runs between the pieces keeps its activations unless checkpoint() recomputes it."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
-def compile_for_training(model: nn.Module, activation_memory_budget: float | None = None) -> None:
-    """Compiles the blocks under `activation_memory_budget` (default: activation_budget's); where every block is to
-    be recomputed, the partitioner does it inside the compiled blocks, without checkpoint()."""
-    budget = activation_budget(model) if activation_memory_budget is None else activation_memory_budget
-    model.compile_blocks(budget, recompute_in_graph=recomputes_every_block(model))
+def activation_budget(model: nn.Module, in_graph: bool = True) -> float:
+    """Where every block is to be recomputed: RECOMPUTED_ACTIVATION_BUDGET inside the compiled graphs (`in_graph`),
+    else 1 (each block under checkpoint(), where a budget would only add recomputation). Otherwise
+    KEPT_ACTIVATION_BUDGET: the blocks `--grad-checkpoint N` names run under checkpoint() either way."""
+    if recomputes_every_block(model):
+        return RECOMPUTED_ACTIVATION_BUDGET if in_graph else 1.0
+    return KEPT_ACTIVATION_BUDGET
+
+
+def compile_for_training(model: nn.Module, in_graph: bool, activation_memory_budget: float | None = None) -> None:
+    """Compiles the blocks under `activation_memory_budget` (default: activation_budget's). Where every block is to
+    be recomputed and `in_graph` (blocks_compile_whole), the partitioner recomputes inside the compiled blocks and no
+    block runs under checkpoint()."""
+    in_graph = in_graph and recomputes_every_block(model)
+    budget = activation_budget(model, in_graph) if activation_memory_budget is None else activation_memory_budget
+    model.compile_blocks(budget, recompute_in_graph=in_graph)
 
 
 def first_line(err: BaseException) -> str:
@@ -64,7 +76,7 @@ class FastPath:
         if compile:
             why_not = compile_available(device)
             if why_not is None:
-                compile_for_training(model)
+                compile_for_training(model, blocks_compile_whole(device, dtype))
                 self.compiled = True
             else:
                 print(f"note: running eager, without compiled blocks ({why_not})")

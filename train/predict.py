@@ -41,13 +41,12 @@ def scoring_batches(table: Tokenized, pad_id: int, max_batch_tokens: int, pack: 
     """(row positions, rows) of every scoring batch, collated as they are needed: lines of `max_batch_tokens` packed
     rows (rows that begin alike sharing their common beginning, with `share_prefixes`), or right-padded batches of
     at most that many tokens, longest first."""
+    shape = LineShape.of(table.lengths, max_batch_tokens) if pack else None
     if pack and share_prefixes:
-        shape = LineShape.of(table.lengths, max_batch_tokens)
         for families in pack_families(prefix_families(table, np.arange(len(table)), shape), table.lengths, shape):
             positions, line = collate_families(table, families, pad_id, shape)
             yield positions, line_as_rows(line, len(positions))
     elif pack:
-        shape = LineShape.of(table.lengths, max_batch_tokens)
         for positions in pack_lines(table.lengths, np.arange(len(table)), shape):
             yield positions, line_rows(table, positions, pad_id, shape)
     else:
