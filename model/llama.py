@@ -27,7 +27,8 @@ class Packing(NamedTuple):
 
     With `kv_index`, sequence s reads the keys at kv_index[cu_seqlens_k[s]:cu_seqlens_k[s + 1]] (`kv_doc`: each key's
     sequence), which may begin with another sequence's: a shared prefix, computed once for the rows that follow it.
-    Its queries are the last of its keys, so each sees the keys up to itself."""
+    Its queries are the last of its keys, so each sees the keys up to itself. `flash`: attention runs flash
+    attention's variable-length kernel (set by Llama.hidden_states where the line's device has it)."""
     cu_seqlens: Tensor  # int32 [S + 1]
     doc: Tensor  # int64 [T]
     positions: Tensor  # int64 [T]
@@ -35,6 +36,7 @@ class Packing(NamedTuple):
     kv_index: Tensor | None = None  # int64 [K]
     kv_doc: Tensor | None = None  # int64 [K]
     cu_seqlens_k: Tensor | None = None  # int32 [S + 1]
+    flash: bool = False
 
 
 def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
@@ -74,16 +76,23 @@ def repeat_kv(x: Tensor, n_heads: int, dim: int) -> Tensor:
     return x.repeat_interleave(n_heads // x.shape[dim], dim)
 
 
+def flash_varlen_available(device: torch.device) -> bool:
+    """Whether flash attention's variable-length kernel runs on `device`: torch >= 2.9 and an Ampere or newer GPU
+    (a T4 has none)."""
+    return varlen_attn is not None and device.type == "cuda" and torch.cuda.get_device_properties(device).major >= 8
+
+
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing) -> Tensor:
     """Causal attention within each sequence of a packed line (and its shared prefix, with `packing.kv_index`):
-    q [T, H, hd], k and v [T, KV, hd] → [T, H, hd]. Flash attention's variable-length kernel on CUDA, whose causal
-    mask ends at the sequence's last key; elsewhere one scaled_dot_product_attention per sequence."""
+    q [T, H, hd], k and v [T, KV, hd] → [T, H, hd]. Flash attention's variable-length kernel where `packing.flash`
+    (in bf16 or fp16), whose causal mask ends at the sequence's last key; elsewhere one scaled_dot_product_attention
+    per sequence."""
     n_heads = q.shape[1]
     cu_q, cu_k = packing.cu_seqlens, packing.cu_seqlens
     if packing.kv_index is not None:
         k, v, cu_k = k[packing.kv_index], v[packing.kv_index], packing.cu_seqlens_k
     k, v = repeat_kv(k, n_heads, 1), repeat_kv(v, n_heads, 1)
-    if q.is_cuda and varlen_attn is not None and q.dtype in (torch.bfloat16, torch.float16):
+    if packing.flash and q.dtype in (torch.bfloat16, torch.float16):
         return varlen_attn(q, k, v, cu_q, cu_k, packing.max_seqlen, packing.max_seqlen, window_size=(-1, 0))
     pieces = []
     for (qa, qb), (ka, kb) in zip(pairwise(cu_q.tolist()), pairwise(cu_k.tolist())):
@@ -246,6 +255,7 @@ class Llama(nn.Module):
         else:
             cos, sin = rope_cos_sin(self.inv_freq, packing.max_seqlen, x.dtype)
             cos, sin = cos[packing.positions], sin[packing.positions]
+            packing = packing._replace(flash=flash_varlen_available(tokens.device))  # decided here, not in a graph
         n_recomputed = (0 if self.recompute_in_graph else
                         len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint))
         final = len(self.model.layers) - 1

@@ -4,6 +4,8 @@ the loss and the LoRA gradients of the plain path.
 On the CPU everything runs in float32 and the fast path must match the plain one to rounding. On the GPU both
 run in bf16, where any reordering of float operations shows; there the fast path's distance from the float32
 truth must stay within that of the plain bf16 path."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from model import load_llama
 from train.fastpath import (KEPT_ACTIVATION_BUDGET, RECOMPUTED_ACTIVATION_BUDGET, activation_budget,
                             blocks_compile_whole, compile_for_training)
 from train.graphs import BackwardGraphs
+from train.loop import default_packing
 from train.objective import loss_sum
 from train.batch import right_padded
 from train.optim import AdamW
@@ -101,10 +104,6 @@ def test_every_block_recomputed_is_left_to_the_partitioner_where_blocks_compile_
     """Recomputing every block (True, or N >= the block count) where a block compiles to one graph, the compiled
     blocks get the small budget and none runs under checkpoint(); elsewhere each runs under checkpoint(), budget 1.
     Recomputing some, those run under checkpoint() and the rest keep fewer activations."""
-    assert blocks_compile_whole(torch.device("cuda"), torch.bfloat16)
-    assert blocks_compile_whole(torch.device("cuda"), torch.float16)
-    assert not blocks_compile_whole(torch.device("cuda"), torch.float32)  # packed attention loops on the host
-    assert not blocks_compile_whole(torch.device("cpu"), torch.bfloat16)
     model = lora_model(tiny_checkpoint, "cpu", torch.float32)
     n_blocks = len(model.model.layers)
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: None)  # inductor on the CPU takes a minute
@@ -132,6 +131,17 @@ def test_every_block_recomputed_is_left_to_the_partitioner_where_blocks_compile_
     wrapped.clear()
     backward(model, [batch("cpu")], torch.float32)
     assert len(wrapped) == n_blocks
+
+
+@pytest.mark.parametrize("major, flash", [(7, False), (8, True), (9, True)])  # a T4 is 7.5, an A100 8.0, an H100 9.0
+def test_packing_and_recomputation_in_graph_need_flash_attentions_variable_length_kernel(monkeypatch, major, flash):
+    monkeypatch.setattr("model.llama.varlen_attn", lambda *args, **kwargs: None)  # whatever this build has
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_packing(cuda) == ("on" if flash else "off")
+    assert blocks_compile_whole(cuda, torch.bfloat16) == flash and blocks_compile_whole(cuda, torch.float16) == flash
+    assert not blocks_compile_whole(cuda, torch.float32)  # packed attention loops over the rows on the host
+    assert default_packing(cpu) == "off" and not blocks_compile_whole(cpu, torch.bfloat16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compilation is a GPU lever")

@@ -141,7 +141,7 @@ def test_flash_varlen_attention_equals_attention_per_sequence():
     bounds = [0, 100, 101, 357, 512, 512, 512]
     q = torch.randn(512, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 512, 2, 64, device="cuda", dtype=torch.bfloat16)
-    packing = Packing(torch.tensor(bounds, dtype=torch.int32, device="cuda"), None, None, 256)
+    packing = Packing(torch.tensor(bounds, dtype=torch.int32, device="cuda"), None, None, 256, flash=True)
     out = packed_causal_attention(q, k, v, packing)
     per_sequence = packed_causal_attention(q.float(), k.float(), v.float(), packing)  # float32: the CPU-style path
     torch.testing.assert_close(out.float(), per_sequence, rtol=2e-2, atol=2e-2)

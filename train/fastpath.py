@@ -7,6 +7,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from model.llama import flash_varlen_available
 from train.graphs import BackwardGraphs
 from train.step import graphed_backward
 
@@ -36,10 +37,10 @@ def recomputes_every_block(model: nn.Module) -> bool:
 
 
 def blocks_compile_whole(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a block compiles to one graph: on CUDA in bf16 or fp16, where packed attention is flash attention's
-    variable-length kernel. Elsewhere it loops over a line's sequences on the host; the loop breaks the graph, and
-    what runs between the pieces keeps its activations unless checkpoint() recomputes it."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    """Whether a block compiles to one graph: where packed attention is flash attention's variable-length kernel
+    (bf16 or fp16 on an Ampere or newer GPU). Elsewhere it loops over a line's sequences on the host; the loop breaks
+    the graph, and what runs between the pieces keeps its activations unless checkpoint() recomputes it."""
+    return flash_varlen_available(device) and dtype in (torch.bfloat16, torch.float16)
 
 
 def activation_budget(model: nn.Module, in_graph: bool = True) -> float:

@@ -20,6 +20,7 @@ from data import (LineShape, Tokenized, get_template, padded_length, read_table,
 from data.answers import question_key
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
+from model.llama import flash_varlen_available
 from train.batch import Rows, packed_rows, padded_rows
 from train.calibrate import save_decision
 from train.consensus import fit_judge
@@ -52,10 +53,11 @@ def peak_memory_gb(device: torch.device) -> dict:
 
 
 def default_packing(device: torch.device) -> str:
-    """On with CUDA. Off on a CPU: there packed lines ran at 137 real tokens/s against 301 for padded batches
-    (SmolLM2, the embedded preset, 2 cores; bench/RESULTS.md), the per-row attention and larger tensors costing more
-    than the padding saved."""
-    return "on" if device.type == "cuda" else "off"
+    """On where flash attention's variable-length kernel runs (CUDA, Ampere or newer). Off on a CPU: there packed
+    lines ran at 137 real tokens/s against 301 for padded batches (SmolLM2, the embedded preset, 2 cores;
+    bench/RESULTS.md), the per-row attention and larger tensors costing more than the padding saved. Off on an older
+    GPU (a T4) too, where a line's attention would loop over its rows on the host, out of reach of CUDA graphs."""
+    return "on" if flash_varlen_available(device) else "off"
 
 
 def default_pack_tokens(device: torch.device, hidden_size: int, step_tokens: float, max_len: int) -> int:
