@@ -134,6 +134,11 @@ def pack_lines(lengths: np.ndarray, rows: np.ndarray, shape: LineShape) -> list[
     return [rows[line_of == line] for line in range(line_of.max() + 1 if len(rows) else 0)]
 
 
+def chunk_sizes(total: int, size: int) -> list[int]:
+    """`total` tokens in pieces of `size`, the last one shorter; no empty piece."""
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
 @dataclass
 class PackedLine:
     """Rows laid end to end in `budget` tokens, every tensor of a size fixed by the LineShape."""
@@ -161,8 +166,7 @@ def collate_line(tokenized: Tokenized, rows: np.ndarray, pad_id: int, shape: Lin
     used = int(lengths.sum())
     if len(rows) > capacity or used > budget or (len(rows) and lengths.max() > max_seqlen):
         raise ValueError(f"{len(rows)} rows of {used} tokens do not fit a line of {budget} tokens and {capacity} rows")
-    chunks = [max_seqlen] * ((budget - used) // max_seqlen) + [(budget - used) % max_seqlen]
-    sequences = np.array([*lengths, *(c for c in chunks if c)], dtype=np.int64)
+    sequences = np.array([*lengths, *chunk_sizes(budget - used, max_seqlen)], dtype=np.int64)
     n_sequences = capacity + -(-budget // max_seqlen)
     cu_seqlens = np.full(n_sequences + 1, budget, dtype=np.int32)
     cu_seqlens[: len(sequences) + 1] = np.concatenate([[0], np.cumsum(sequences)])

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data.batches import LineShape, PackedLine, first_fit_decreasing
+from data.batches import LineShape, PackedLine, chunk_sizes, first_fit_decreasing
 from data.tokenize import Tokenized
 
 MIN_SHARED_TOKENS = 32  # a shorter common beginning is not worth a sequence of its own
@@ -98,9 +98,8 @@ def collate_families(tokenized: Tokenized, families: list[Family], pad_id: int,
     if len(rows) > shape.capacity or used > budget:
         raise ValueError(f"{len(rows)} rows of {used} tokens do not fit a line of {budget} tokens and "
                          f"{shape.capacity} rows")
-    for size in [max_seqlen] * ((budget - used) // max_seqlen) + [(budget - used) % max_seqlen]:
-        if size:
-            segments.append((np.full(size, pad_id, dtype=np.int64), 0, None))
+    for size in chunk_sizes(budget - used, max_seqlen):
+        segments.append((np.full(size, pad_id, dtype=np.int64), 0, None))
 
     q_lengths = np.array([len(ids) for ids, _, _ in segments], dtype=np.int64)
     q_starts = np.concatenate([[0], np.cumsum(q_lengths)[:-1]])
@@ -114,7 +113,7 @@ def collate_families(tokenized: Tokenized, families: list[Family], pad_id: int,
     spare = n_keys - sum(kv_lengths)
     if spare < 0:
         raise ValueError(f"the line's rows read {sum(kv_lengths)} keys, more than its {n_keys}")
-    spare_chunks = [max_seqlen] * (spare // max_seqlen) + ([spare % max_seqlen] if spare % max_seqlen else [])
+    spare_chunks = chunk_sizes(spare, max_seqlen)
     n_sequences = max_sequences(shape)
     if len(segments) + len(spare_chunks) > n_sequences:
         raise ValueError(f"{len(segments) + len(spare_chunks)} sequences do not fit a line's {n_sequences}")

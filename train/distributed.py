@@ -103,8 +103,10 @@ class World:
 def scoring_share(table: Tokenized, world: World) -> tuple[Tokenized, list[np.ndarray]]:
     """This rank's share of the rows to score (the whole table in one process) and every rank's row positions, for
     `World.gather`."""
+    if world.size == 1:  # no need to sort the rows to share them out
+        return table, [np.arange(len(table))]
     shards = scoring_shards(table, world.size)
-    return (table if world.size == 1 else table.subset(shards[world.rank])), shards
+    return table.subset(shards[world.rank]), shards
 
 
 @contextlib.contextmanager
