@@ -140,7 +140,9 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
     tr.add_argument("--group-col", help="column grouping rows (e.g. one question); no group on both sides")
     tr.add_argument("--max-len", type=positive(int), default=1024, help="prompt tokens; a longer row has its solution, then its question, cut in the middle")
     tr.add_argument("--template", default="with_solution", help="with_solution, original, or a template file")
-    tr.add_argument("--quant", choices=("nf4", "none"), help="base weights: nf4 (default on CUDA) or none (CPU)")
+    tr.add_argument("--quant", choices=("nf4", "none"),
+                    help="base weights: nf4 (default on CUDA where the projections take 1 GB or more in bf16) or none "
+                         "(smaller bases, and a CPU)")
     tr.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                     help="frozen weights and autocast on CUDA (default: bf16 where the GPU has it, else fp16 with "
                          "dynamic loss scaling); a CPU trains in fp32")

@@ -294,3 +294,17 @@ def test_fp16_with_loss_scaling_matches_fp32_on_cuda(tiny_checkpoint, quantize):
         assert relative_error(flat_gradients(model16), reference) < tolerance
         if factor < 1:
             assert relative_error(plain, reference) > 0.5
+
+
+def test_a_gpu_quantizes_a_base_to_4_bits_by_default_only_where_it_is_large():
+    from model.config import LlamaConfig
+    from train.setup import default_quantization
+
+    smollm2_135m = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, vocab_size=49152)  # projections: 0.2 GB in bf16
+    llama_32_1b = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                              num_key_value_heads=8, head_dim=64)  # 1.9 GB
+    llama_31_8b = LlamaConfig()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [default_quantization(c, cuda) for c in (smollm2_135m, llama_32_1b, llama_31_8b)] == ["none", "nf4", "nf4"]
+    assert {default_quantization(c, cpu) for c in (smollm2_135m, llama_32_1b, llama_31_8b)} == {"none"}

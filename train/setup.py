@@ -44,6 +44,17 @@ class Base:
         return model
 
 
+SMALL_BASE_BYTES = 1e9  # a base whose projections take less in bf16 keeps them in bf16 on a GPU by default
+
+
+def default_quantization(config: LlamaConfig, device: torch.device) -> str:
+    """NF4 on CUDA for a base whose projections take 1 GB or more in bf16 (Llama-3.2-1B: 1.9 GB; the 8B: 14 GB).
+    A smaller base keeps them in bf16: SmolLM2-135M's take 0.2 GB, 4 bits would save 0.15 GB of it, and dequantizing
+    them cost a tenth of its training step (bench/RESULTS.md). A CPU computes in fp32 without 4-bit weights."""
+    projection_bytes = 2 * config.num_hidden_layers * sum(out * in_ for out, in_ in config.projection_shapes().values())
+    return "nf4" if device.type == "cuda" and projection_bytes >= SMALL_BASE_BYTES else "none"
+
+
 def pick_device() -> torch.device:
     """The GPU if there is one (under torchrun, the one of this process's local rank), else the CPU."""
     if not torch.cuda.is_available():
@@ -54,7 +65,7 @@ def pick_device() -> torch.device:
 def resolve_base(model: str | None, quant: str | None, template: Template, device: torch.device,
                  precision: str | None = None, fp8: bool = False) -> Base:
     """The tokenizer and label tokens of `model` (default: the packaged SmolLM2), and the quantization, precision
-    and dtype its weights will have on `device`: NF4 on CUDA unless `quant` says otherwise; `precision` as
+    and dtype its weights will have on `device`: `quant`, else default_quantization's; `precision` as
     train.precision.resolve_precision reads it; `fp8`: the NF4 base's products in FP8. Reads no weights."""
     model_path = Path(model).absolute() if model else default_model_path()
     if not model_path.is_dir():
@@ -62,7 +73,7 @@ def resolve_base(model: str | None, quant: str | None, template: Template, devic
     config = LlamaConfig.from_json(model_path / "config.json")
     tokenizer = load_tokenizer(model_path)
     true_id, false_id = label_token_ids(template, tokenizer)
-    quantization = quant or ("nf4" if device.type == "cuda" else "none")
+    quantization = quant or default_quantization(config, device)
     numerics = resolve_precision(precision, device)
     # On a CPU 4-bit weights dequantize to bf16, the compute dtype bitsandbytes' CPU path expects.
     dtype = torch.bfloat16 if device.type == "cpu" and quantization == "nf4" else numerics.compute_dtype
@@ -70,7 +81,9 @@ def resolve_base(model: str | None, quant: str | None, template: Template, devic
         raise UserError(f"--model {model_path}: the label tokens {true_id} and {false_id} of its tokenizer lie outside "
                         f"its vocabulary of {config.vocab_size} (a tokenizer of another model?)")
     if fp8 and quantization != "nf4":
-        raise UserError("--fp8 on: FP8 products are for the 4-bit base, and this one is --quant none")
+        raise UserError("--fp8 on: FP8 products are for a 4-bit base, and this one is not"
+                        + (" (a base this small stays in bf16 on a GPU unless --quant nf4)" if quant is None
+                           else " (--quant none)"))
     if fp8 and (reason := fp8_unavailable(device)):
         raise UserError(f"--fp8 on: {reason}")
     if fp8 and not any(fp8_fits(*shape) for shape in config.projection_shapes().values()):
