@@ -1,6 +1,6 @@
 """Batches of row positions: length-bucketed and shuffled for training, filled to a token budget for inference;
 right-padded [B, T], or packed end to end into lines of a fixed number of tokens."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from data.tokenize import Tokenized
 
 BUCKET_BATCHES = 64  # rows are sorted by length within windows of this many steps
 MIN_ROW_TOKENS = 16  # a line holds at most budget // 16 rows, whatever its table's shortest row
+LINE_QUANTUM = 512  # a line cut to its rows (LineShape.fit) is a multiple of this many tokens: few shapes to record
 
 
 def train_batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -90,19 +91,29 @@ def collate(
 
 @dataclass(frozen=True)
 class LineShape:
-    """The one shape of every line packed from a table: `budget` tokens, sequences of at most `max_seqlen` (the
-    table's longest row) and at most `capacity` rows (as many as its shortest rows fill). Flash attention launches
-    work for every sequence slot up to max_seqlen, so neither is larger than the table needs."""
+    """The shape of the lines packed from a table: `budget` tokens, sequences of at most `max_seqlen` (the table's
+    longest row) and at most `capacity` rows (as many as its shortest rows fill). Flash attention launches work for
+    every sequence slot up to max_seqlen, so neither is larger than the table needs. With `fit`, rows that make one
+    line get a line cut to them (`fitted`): steps of a few rows, whose lengths vary from step to step, would
+    otherwise fill a fraction of a line sized for the longest of them."""
     budget: int
     max_seqlen: int
     capacity: int
+    fit: bool = False
 
     @classmethod
-    def of(cls, lengths: np.ndarray, budget: int) -> "LineShape":
+    def of(cls, lengths: np.ndarray, budget: int, fit: bool = False) -> "LineShape":
         longest, shortest = (int(lengths.max()), int(lengths.min())) if len(lengths) else (1, 1)
         if longest > budget:
             raise UserError(f"token budget {budget} is smaller than the longest prompt ({longest} tokens)")
-        return cls(budget, longest, max(1, budget // max(MIN_ROW_TOKENS, shortest)))
+        return cls(budget, longest, max(1, budget // max(MIN_ROW_TOKENS, shortest)), fit)
+
+    def fitted(self, tokens: int, rows: int) -> "LineShape":
+        """The shape of one line holding `rows` rows of `tokens` tokens in all: the budget rounded up to a multiple of
+        LINE_QUANTUM (at most this one's), the row slots in proportion (at least `rows`)."""
+        budget = min(self.budget, padded_length(max(tokens, 1), LINE_QUANTUM))
+        capacity = min(self.capacity, max(rows, -(-self.capacity * budget // self.budget)))
+        return replace(self, budget=budget, capacity=capacity)
 
 
 def first_fit_decreasing(sizes: np.ndarray, limits: np.ndarray) -> np.ndarray:

@@ -227,22 +227,29 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.grad_checkpoint: bool | int = False  # True: recompute every block in backward; N: the first N
         self.recompute_in_graph = False  # compiled blocks recompute by their memory budget, none under checkpoint()
+        self.any_length = False  # compiled blocks take packed lines of any length (compile_blocks)
 
-    def compile_blocks(self, activation_memory_budget: float = 1.0, recompute_in_graph: bool = False) -> None:
-        """torch.compile each block (one graph serves them all); fuses norms, RoPE and SwiGLU on the GPU. Below 1,
-        `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather than keep
-        them (torch._functorch.config's, process-wide, read whenever a block compiles). With `recompute_in_graph`
-        that is all the recomputation there is: no block runs under checkpoint(), whatever grad_checkpoint says (for
-        blocks that compile to one graph, train.fastpath.blocks_compile_whole)."""
+    def compile_blocks(self, activation_memory_budget: float = 1.0, recompute_in_graph: bool = False,
+                       any_length: bool = False) -> None:
+        """torch.compile every block but the final one (one graph serves them all); fuses norms, RoPE and SwiGLU on
+        the GPU. The final block, reading out only the rows' last positions, stays eager: it would be a graph of its
+        own, whose compilation cost more of a run's first step than its fusions saved. The blocks compile for the
+        first input's length, and again for any length when another comes; with `any_length`, packed lines compile
+        for any length at once (their length and sequence count symbolic, all else static).
+
+        Below 1, `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather
+        than keep them (torch._functorch.config's, process-wide, read whenever a block compiles). With
+        `recompute_in_graph` that is all the recomputation there is: no block runs under checkpoint(), whatever
+        grad_checkpoint says (for blocks that compile to one graph, train.fastpath.blocks_compile_whole)."""
         torch._functorch.config.activation_memory_budget = activation_memory_budget
-        self.recompute_in_graph = recompute_in_graph
-        for block in self.model.layers:
+        self.recompute_in_graph, self.any_length = recompute_in_graph, any_length
+        for block in self.model.layers[:-1]:
             block.compile()
 
     def uncompile_blocks(self) -> None:
         for block in self.model.layers:
             block._compiled_call_impl = None  # what nn.Module.compile set
-        self.recompute_in_graph = False
+        self.recompute_in_graph = self.any_length = False
 
     def hidden_states(self, tokens: Tensor, last: Tensor | None = None, packing: Packing | None = None) -> Tensor:
         """Final-norm hidden states [B, T, D] for right-padded token ids [B, T]; with `last` [B], only those
@@ -256,6 +263,9 @@ class Llama(nn.Module):
             cos, sin = rope_cos_sin(self.inv_freq, packing.max_seqlen, x.dtype)
             cos, sin = cos[packing.positions], sin[packing.positions]
             packing = packing._replace(flash=flash_varlen_available(tokens.device))  # decided here, not in a graph
+            if self.any_length:
+                for tensor, dim in ((x, 1), (cos, 0), (sin, 0), *((t, 0) for t in packing[:3])):
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
         n_recomputed = (0 if self.recompute_in_graph else
                         len(self.model.layers) if self.grad_checkpoint is True else int(self.grad_checkpoint))
         final = len(self.model.layers) - 1

@@ -106,7 +106,7 @@ def test_every_block_recomputed_is_left_to_the_partitioner_where_blocks_compile_
     Recomputing some, those run under checkpoint() and the rest keep fewer activations."""
     model = lora_model(tiny_checkpoint, "cpu", torch.float32)
     n_blocks = len(model.model.layers)
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: None)  # inductor on the CPU takes a minute
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)  # inductor on the CPU takes a minute
     wrapped = []
     monkeypatch.setattr("model.llama.checkpoint", lambda block, *args, **kwargs: wrapped.append(block) or block(*args))
     for grad_checkpoint, in_graph, budget, n_wrapped in (

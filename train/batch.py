@@ -61,6 +61,8 @@ def line_rows(table: Tokenized, positions: np.ndarray, pad_id: int, shape: LineS
 
 def packed_rows(table: Tokenized, rows: np.ndarray, pad_id: int, shape: LineShape) -> list[tuple[np.ndarray, Rows]]:
     """`rows` packed into as few lines of `shape` as first-fit decreasing finds: the row positions of each line, in
-    the line's order, and its Rows."""
-    return [(positions, line_rows(table, positions, pad_id, shape))
-            for positions in pack_lines(table.lengths, rows, shape)]
+    the line's order, and its Rows. Rows that make one line get it cut to them where `shape.fit`."""
+    lines = pack_lines(table.lengths, rows, shape)
+    if shape.fit and len(lines) == 1:
+        shape = shape.fitted(int(table.lengths[lines[0]].sum()), len(lines[0]))
+    return [(positions, line_rows(table, positions, pad_id, shape)) for positions in lines]

@@ -52,13 +52,14 @@ def activation_budget(model: nn.Module, in_graph: bool = True) -> float:
     return KEPT_ACTIVATION_BUDGET
 
 
-def compile_for_training(model: nn.Module, in_graph: bool, activation_memory_budget: float | None = None) -> None:
-    """Compiles the blocks under `activation_memory_budget` (default: activation_budget's). Where every block is to
-    be recomputed and `in_graph` (blocks_compile_whole), the partitioner recomputes inside the compiled blocks and no
-    block runs under checkpoint()."""
+def compile_for_training(model: nn.Module, in_graph: bool, activation_memory_budget: float | None = None,
+                         any_length: bool = False) -> None:
+    """Compiles the blocks under `activation_memory_budget` (default: activation_budget's), for packed lines of any
+    length at once where `any_length`. Where every block is to be recomputed and `in_graph` (blocks_compile_whole), the
+    partitioner recomputes inside the compiled blocks and no block runs under checkpoint()."""
     in_graph = in_graph and recomputes_every_block(model)
     budget = activation_budget(model, in_graph) if activation_memory_budget is None else activation_memory_budget
-    model.compile_blocks(budget, recompute_in_graph=in_graph)
+    model.compile_blocks(budget, recompute_in_graph=in_graph, any_length=any_length)
 
 
 def first_line(err: BaseException) -> str:
@@ -66,18 +67,19 @@ def first_line(err: BaseException) -> str:
 
 
 class FastPath:
-    """Compiled blocks (`compile`) and CUDA graphs of the training pass (`graphs`, given the trainable `params`)
-    while they work. `run(fn)` calls fn(); if compiling or recording fails, it says so in one line, drops what
+    """Compiled blocks (`compile`; for packed lines of any length where `any_length`, else for each new length as it
+    comes)
+    and CUDA graphs of the training pass (`graphs`, given the trainable `params`; one a shape) while they work. `run(fn)` calls fn(); if compiling or recording fails, it says so in one line, drops what
     failed, restores the RNG, calls `reset` and fn() again."""
 
     def __init__(self, model: nn.Module, device: torch.device, compile: bool, graphs: bool = False,
                  params: list[Tensor] = (), label_ids: Tensor | None = None, loss_kind: str = "classifier",
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, any_length: bool = False):
         self.model, self.compiled, self.graphs = model, False, None
         if compile:
             why_not = compile_available(device)
             if why_not is None:
-                compile_for_training(model, blocks_compile_whole(device, dtype))
+                compile_for_training(model, blocks_compile_whole(device, dtype), any_length=any_length)
                 self.compiled = True
             else:
                 print(f"note: running eager, without compiled blocks ({why_not})")

@@ -60,12 +60,18 @@ def default_packing(device: torch.device) -> str:
     return "on" if flash_varlen_available(device) else "off"
 
 
-def default_pack_tokens(device: torch.device, hidden_size: int, step_tokens: float, max_len: int) -> int:
-    """Tokens per packed line: a quarter more than a mean step's rows, so that most steps fill one line, up to
-    4096 for a large model (hidden size 2048 and up: what the 8B's recomputed activations leave room for in 15 GB)
-    or a CPU (where a larger batch outgrows the caches) and 16384 for a small one on a GPU; at least --max-len."""
-    cap = 16384 if device.type == "cuda" and hidden_size < 2048 else 4096 if device.type == "cuda" else 2048
-    return max(max_len, min(cap, padded_length(int(1.25 * step_tokens), 512)))
+def default_pack_tokens(device: torch.device, hidden_size: int, max_len: int) -> int:
+    """Tokens per packed line: 4096 for a large model on a GPU (hidden size 2048 and up: what the 8B's recomputed
+    activations leave room for in 15 GB), 16384 for a small one; 2048 on a CPU (where a larger batch outgrows the
+    caches); at least --max-len."""
+    return max(max_len, (16384 if hidden_size < 2048 else 4096) if device.type == "cuda" else 2048)
+
+
+def fits_lines(step_tokens: float, pack_tokens: int) -> bool:
+    """Whether a step's rows are cut to one line of their own (data.LineShape.fit): where a mean step, and a
+    quarter more, fills at most a line. Its lines then vary in length from step to step, and the blocks compile
+    for any length at once."""
+    return 1.25 * step_tokens <= pack_tokens
 
 
 def whole_questions(df: pd.DataFrame, train_idx: np.ndarray, val_idx: np.ndarray, say: bool,
@@ -188,8 +194,7 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     train_table, val_table, val_labels = table.subset(train_idx), table.subset(val_idx), table_labels(df)[val_idx]
     val_candidates = whole_questions(df, train_idx, val_idx, world.main, args.group_col)
     last_step = args.max_steps or total_steps(len(train_table), args.batch_size, args.grad_accum, args.epochs)
-    step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
-    args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, step_tokens, args.max_len)
+    args.pack_tokens = args.pack_tokens or default_pack_tokens(device, base.hidden_size, args.max_len)
 
     if world.main and not resuming:
         folder = RunFolder.create(Path(args.out))
@@ -256,14 +261,16 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     sync = GradientSync(params, world) if world.size > 1 else None  # before the graphs, which add into its buffer
     if world.size > 1:
         torch.manual_seed(args.seed + world.rank)  # the ranks' LoRA weights start equal; their dropout masks differ
+    step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
+    line_shape = (LineShape.of(train_table.lengths, args.pack_tokens, fit=fits_lines(step_tokens, args.pack_tokens))
+                  if pack else None)
     on_gpu_fast = device.type == "cuda" and not args.eager
     dtype = base.numerics.compute_dtype
     fast = FastPath(model, device, compile=not args.eager and (args.compile or args.cuda_graphs or on_gpu_fast),
                     graphs=args.cuda_graphs or (on_gpu_fast and pack), params=params, label_ids=base.label_ids,
-                    loss_kind=args.loss, dtype=dtype)
+                    loss_kind=args.loss, dtype=dtype, any_length=line_shape is not None and line_shape.fit)
     scaler = base.numerics.scaler()
     pad_to = COMPILED_PAD if fast.compiled and not pack else 1
-    line_shape = LineShape.of(train_table.lengths, args.pack_tokens) if pack else None
 
     def step_rows(batches: list[np.ndarray]) -> list[Rows]:
         """This rank's micro-batches of a step: its share of the step's rows packed into lines (shares of equal
@@ -407,9 +414,10 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         bar.update(1)
 
     # The host launches step k + 1 before it waits for step k, so the GPU always has a step queued; evaluations,
-    # checkpoints and stops come between steps, with none in flight.
+    # checkpoints and stops come between steps, with none in flight. The first step, long with compilation, is
+    # waited for at once, so that it is reported as soon as it is done.
     in_flight = None
-    launching = progress["step"]  # 0-based: the step being launched
+    launching = first_step = progress["step"]  # 0-based: the step being launched
     try:
         while progress["step"] < last_step and not patience_ran_out(progress, args.patience):
             launching = progress["step"] + (in_flight is not None)
@@ -419,7 +427,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
             in_flight = job
             stop_signal = int(world.max(stop.signal_number))  # every rank stops at the same step, naming one signal
             boundary = job["step"] % args.eval_every == 0 or job["step"] == last_step
-            if pipelined and not boundary and not stop_signal:
+            if pipelined and not boundary and not stop_signal and launching > first_step:
                 continue
             finish(in_flight)
             in_flight = None

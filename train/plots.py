@@ -2,9 +2,6 @@
 import json
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from common.errors import UserError
 from common.files import atomic_write, read_json_lines
 
@@ -32,6 +29,9 @@ def read_metrics(metrics_jsonl: Path) -> tuple[dict[int, dict], dict[str, dict[i
 def plot_run(metrics_jsonl: Path, out_png: Path) -> None:
     """Draw training loss (top) and evaluation accuracy and AUROC (bottom) against optimizer step."""
     train, evals = read_metrics(metrics_jsonl)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # at the end of a run: not in its start-up time
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(fig)
     loss_ax, eval_ax = fig.subplots(2, 1, sharex=True)
