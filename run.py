@@ -155,10 +155,11 @@ def build_parser(preset: str | None = None, explicit_only: bool = False) -> argp
                     help="recompute blocks in the backward pass to save memory: all of them, or the first N")
     tr.add_argument("--packing", choices=("on", "off"),
                     help="lay a step's rows end to end in lines of --pack-tokens (default: on with CUDA, off on a CPU, "
-                         "where lines ran slower): the same rows in the same steps as off, without padding, one shape")
+                         "where lines ran slower): the same rows in the same steps as off, without padding")
     tr.add_argument("--pack-tokens", type=positive(int), metavar="N",
-                    help="tokens per packed line (default on CUDA: 4096 for models of hidden size 2048 and up, "
-                         "16384 below; 2048 on CPU; at least --max-len)")
+                    help="tokens per packed line at most (default on CUDA: 4096 for models of hidden size 2048 and up, "
+                         "16384 below; 2048 on CPU; at least --max-len); where steps are a few rows, a step's line is "
+                         "cut to its rows")
     tr.add_argument("--eager", action="store_true",
                     help="run the blocks eagerly (default on CUDA: compiled, falling back to eager if compiling fails)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the blocks on a CPU too (CUDA does by default)")

@@ -1,5 +1,5 @@
 """Batches of row positions: length-bucketed and shuffled for training, filled to a token budget for inference;
-right-padded [B, T], or packed end to end into lines of a fixed number of tokens."""
+right-padded [B, T], or packed end to end into lines of a token budget (or cut to their rows: LineShape.fit)."""
 from dataclasses import dataclass, replace
 
 import numpy as np

@@ -206,7 +206,12 @@ def test_train_and_infer_with_fp8_on_the_cpu(tiny_llama3, tables, tmp_path, monk
     capsys.readouterr()
     assert run.main([*argv, "--out", str(tmp_path / "other"), "--quant", "none", "--fp8", "on"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --fp8 on: FP8 products are for a 4-bit base, and this one is not (--quant none)")
+        "error: --fp8 on: FP8 products are for a 4-bit base, and this one is not (the run's --quant none)")
+    if not torch.cuda.is_available():
+        assert run.main([*argv, "--out", str(tmp_path / "other"), "--fp8", "on"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: --fp8 on: FP8 products are for a 4-bit base, and this one is not (a CPU keeps the base "
+            "unquantized unless --quant nf4)")
 
 
 def test_fp8_on_a_model_with_no_suitable_projection_is_one_line(tmp_path, tables, monkeypatch, capsys):

@@ -10,6 +10,7 @@ import train.loop
 from conftest import train_args
 from data import LineShape, Tokenized, collate_line, pack_lines
 from data.batches import LINE_QUANTUM
+from data.synthetic import generate
 from lora import apply_lora, lora_layers
 from model import load_llama
 from model.llama import Packing, packed_causal_attention
@@ -155,6 +156,34 @@ def test_packing_on_and_off_train_the_same_adapter_and_score_the_same(tiny_llama
                          "--packing", packing]) == 0
         scores[packing] = pd.read_csv(out.with_name(f"{packing}_p_true.csv"))["p_true"].to_numpy()
     np.testing.assert_allclose(scores["on"], scores["off"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pack_tokens, lines_a_step", [("2048", {1}), ("1024", {1, 2})])
+def test_lines_cut_to_short_steps_train_the_same_adapter_and_the_first_step_takes_the_longest(
+        tiny_llama3, tmp_path, monkeypatch, pack_tokens, lines_a_step):
+    # Rows of very different lengths in steps of 4: a step that makes one line gets it cut to its rows.
+    df = generate(48, seed=1)[["question", "answer", "solution", "is_correct"]]
+    repeats = np.random.default_rng(0).choice([1, 1, 1, 6], size=len(df))
+    df["solution"] = [" ".join([solution] * int(n)) for solution, n in zip(df["solution"], repeats)]
+    df.to_csv(tmp_path / "varied.csv", index=False)
+    lines = []
+    monkeypatch.setattr(train.loop, "packed_rows", lambda *args: lines.append(packed_rows(*args)) or lines[-1])
+    runs = {}
+    for packing in ("on", "off"):
+        runs[packing] = train.loop.train(train_args(
+            tiny_llama3, tmp_path / "varied.csv", tmp_path / packing, "--packing", packing, "--lora-dropout", "0",
+            "--quant", "none", "--precision", "fp32", "--max-len", "512", "--pack-tokens", pack_tokens,
+            "--batch-size", "2", "--grad-accum", "2", "--max-steps", "10"))
+    widths = [[rows.tokens.shape[1] for _, rows in step] for step in lines]
+    assert len(widths) == 10 and {len(w) for w in widths} == lines_a_step
+    assert len({w[0] for w in widths}) > 1 and all(n % LINE_QUANTUM == 0 for w in widths for n in w)
+    longest = max(max(w) for w in widths)
+    assert widths[0][0] == longest <= int(pack_tokens)  # the peak comes with the first step
+    if lines_a_step == {1}:
+        assert longest < int(pack_tokens)  # no longer than the run's largest step needs
+    on, off = (load_file(runs[p] / "adapter" / "adapter_model.safetensors") for p in ("on", "off"))
+    for key in on:
+        torch.testing.assert_close(on[key], off[key], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs CUDA")

@@ -68,9 +68,9 @@ def first_line(err: BaseException) -> str:
 
 class FastPath:
     """Compiled blocks (`compile`; for packed lines of any length where `any_length`, else for each new length as it
-    comes)
-    and CUDA graphs of the training pass (`graphs`, given the trainable `params`; one a shape) while they work. `run(fn)` calls fn(); if compiling or recording fails, it says so in one line, drops what
-    failed, restores the RNG, calls `reset` and fn() again."""
+    comes) and CUDA graphs of the training pass (`graphs`, given the trainable `params`; one a shape) while they
+    work. `run(fn)` calls fn(); if compiling or recording fails, it says so in one line, drops what failed, restores
+    the RNG, calls `reset` and fn() again."""
 
     def __init__(self, model: nn.Module, device: torch.device, compile: bool, graphs: bool = False,
                  params: list[Tensor] = (), label_ids: Tensor | None = None, loss_kind: str = "classifier",

@@ -6,6 +6,7 @@ import resource
 import signal
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from common.errors import Interrupted, UserError
 from common.files import append_jsonl, atomic_write, read_json_lines, write_json
-from data import (LineShape, Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val,
+from data import (LINE_QUANTUM, LineShape, Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val,
                   table_labels, tokenize_table)
 from data.answers import question_key
 from lora import apply_lora, save_adapter
@@ -43,7 +44,7 @@ from train.stream import StepStream
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
 COMPILED_PAD = 64  # compiled unpacked runs pad batches to a multiple of this: each new shape costs a compilation
 OOM_HINT = ("lower --batch-size (raising --grad-accum keeps the effective batch), add --grad-checkpoint, "
-            "or lower --max-len")
+            "or lower --max-len (packed rows: --pack-tokens)")
 
 
 def peak_memory_gb(device: torch.device) -> dict:
@@ -262,22 +263,23 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     if world.size > 1:
         torch.manual_seed(args.seed + world.rank)  # the ranks' LoRA weights start equal; their dropout masks differ
     step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
-    line_shape = (LineShape.of(train_table.lengths, args.pack_tokens, fit=fits_lines(step_tokens, args.pack_tokens))
-                  if pack else None)
+    fit = pack and fits_lines(step_tokens, args.pack_tokens)
+    line_shape = LineShape.of(train_table.lengths, args.pack_tokens) if pack else None  # cut to the run below if fit
     on_gpu_fast = device.type == "cuda" and not args.eager
     dtype = base.numerics.compute_dtype
     fast = FastPath(model, device, compile=not args.eager and (args.compile or args.cuda_graphs or on_gpu_fast),
                     graphs=args.cuda_graphs or (on_gpu_fast and pack), params=params, label_ids=base.label_ids,
-                    loss_kind=args.loss, dtype=dtype, any_length=line_shape is not None and line_shape.fit)
+                    loss_kind=args.loss, dtype=dtype, any_length=fit)
     scaler = base.numerics.scaler()
     pad_to = COMPILED_PAD if fast.compiled and not pack else 1
 
-    def step_rows(batches: list[np.ndarray]) -> list[Rows]:
+    def step_rows(batches: list[np.ndarray], widest: bool = False) -> list[Rows]:
         """This rank's micro-batches of a step: its share of the step's rows packed into lines (shares of equal
-        tokens), or its share of the right-padded bucketed batches."""
+        tokens; `widest`: none cut to its rows), or its share of the right-padded bucketed batches."""
         if pack:
             rows = split_tokens(train_table.lengths, np.concatenate(batches), world.size)[world.rank]
-            return [line for _, line in packed_rows(train_table, rows, base.tokenizer.pad_id, line_shape)]
+            shape = replace(line_shape, fit=False) if widest else line_shape
+            return [line for _, line in packed_rows(train_table, rows, base.tokenizer.pad_id, shape)]
         return [padded_rows(train_table, rows, base.tokenizer.pad_id, pad_to) for rows in batches[world.rank::world.size]]
 
     progress = {"step": 0, "epoch": 0, "index": 0, "best_score": None, "best_step": None, "stale_evals": 0,
@@ -304,6 +306,11 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     broadcast_training_state(world, params, optimizer)
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
+    first_step = progress["step"]  # 0-based: this process's first
+    if fit:  # lines no longer than the largest step to come needs, the first step's that long: the peak comes first
+        longest = max(stream.most_tokens(last_step - first_step), int(train_table.lengths.max(initial=1)))
+        line_shape = LineShape.of(train_table.lengths, min(args.pack_tokens, padded_length(longest, LINE_QUANTUM)),
+                                  fit=True)
     val_share, val_shards = scoring_share(val_table, world)
     saved_step = progress["step"] if progress["step"] else None  # of the last checkpoint
 
@@ -366,7 +373,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         if on_device is not None:  # reached once the device is done with what came before: the step's start
             on_device.record()
         batches = next(stream)
-        micro_batches = [rows.to(device) for rows in step_rows(batches)]
+        micro_batches = [rows.to(device) for rows in step_rows(batches, widest=step == first_step)]
         with attention_backends():
             pending = fast.run(
                 lambda: launch_optimizer_step(model, optimizer, micro_batches, base.label_ids, args.loss,
@@ -417,7 +424,7 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     # checkpoints and stops come between steps, with none in flight. The first step, long with compilation, is
     # waited for at once, so that it is reported as soon as it is done.
     in_flight = None
-    launching = first_step = progress["step"]  # 0-based: the step being launched
+    launching = first_step  # 0-based: the step being launched
     try:
         while progress["step"] < last_step and not patience_ran_out(progress, args.patience):
             launching = progress["step"] + (in_flight is not None)

@@ -81,9 +81,9 @@ def resolve_base(model: str | None, quant: str | None, template: Template, devic
         raise UserError(f"--model {model_path}: the label tokens {true_id} and {false_id} of its tokenizer lie outside "
                         f"its vocabulary of {config.vocab_size} (a tokenizer of another model?)")
     if fp8 and quantization != "nf4":
-        raise UserError("--fp8 on: FP8 products are for a 4-bit base, and this one is not"
-                        + (" (a base this small stays in bf16 on a GPU unless --quant nf4)" if quant is None
-                           else " (--quant none)"))
+        why = ("the run's --quant none" if quant == "none" else "a CPU keeps the base unquantized unless --quant nf4"
+               if device.type == "cpu" else "a base this small stays unquantized on a GPU unless --quant nf4")
+        raise UserError(f"--fp8 on: FP8 products are for a 4-bit base, and this one is not ({why})")
     if fp8 and (reason := fp8_unavailable(device)):
         raise UserError(f"--fp8 on: {reason}")
     if fp8 and not any(fp8_fits(*shape) for shape in config.projection_shapes().values()):

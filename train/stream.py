@@ -27,5 +27,10 @@ class StepStream:
         self.index += len(step)
         return step
 
+    def most_tokens(self, steps: int) -> int:
+        """The most tokens any of the next `steps` steps holds; this stream stays where it is."""
+        ahead = StepStream(self.lengths, self.batch_size, self.grad_accum, self.seed, self.epoch, self.index)
+        return max((int(sum(self.lengths[rows].sum() for rows in next(ahead))) for _ in range(steps)), default=0)
+
     def position(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
