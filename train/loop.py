@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from common.errors import Interrupted, UserError
 from common.files import append_jsonl, atomic_write, read_json_lines, write_json
-from data import (LINE_QUANTUM, LineShape, Tokenized, get_template, padded_length, read_table, split_tokens, split_train_val,
-                  table_labels, tokenize_table)
+from data import (LINE_QUANTUM, LineShape, Tokenized, get_template, padded_length, read_table, split_tokens,
+                  split_train_val, table_labels, tokenize_table)
 from data.answers import question_key
 from lora import apply_lora, save_adapter
 from model.default import cache_dir
@@ -264,7 +264,6 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
         torch.manual_seed(args.seed + world.rank)  # the ranks' LoRA weights start equal; their dropout masks differ
     step_tokens = args.batch_size * args.grad_accum * float(train_table.lengths.mean()) / world.size  # a rank's
     fit = pack and fits_lines(step_tokens, args.pack_tokens)
-    line_shape = LineShape.of(train_table.lengths, args.pack_tokens) if pack else None  # cut to the run below if fit
     on_gpu_fast = device.type == "cuda" and not args.eager
     dtype = base.numerics.compute_dtype
     fast = FastPath(model, device, compile=not args.eager and (args.compile or args.cuda_graphs or on_gpu_fast),
@@ -307,10 +306,11 @@ def _run(args: Namespace, folder: RunFolder | None, config: dict, base: Base, tr
     stream = StepStream(train_table.lengths, args.batch_size, args.grad_accum, args.seed, progress["epoch"],
                         progress["index"])
     first_step = progress["step"]  # 0-based: this process's first
+    line_budget = args.pack_tokens
     if fit:  # lines no longer than the largest step to come needs, the first step's that long: the peak comes first
         longest = max(stream.most_tokens(last_step - first_step), int(train_table.lengths.max(initial=1)))
-        line_shape = LineShape.of(train_table.lengths, min(args.pack_tokens, padded_length(longest, LINE_QUANTUM)),
-                                  fit=True)
+        line_budget = min(line_budget, padded_length(longest, LINE_QUANTUM))
+    line_shape = LineShape.of(train_table.lengths, line_budget, fit=fit) if pack else None
     val_share, val_shards = scoring_share(val_table, world)
     saved_step = progress["step"] if progress["step"] else None  # of the last checkpoint
 
