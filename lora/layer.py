@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast x themselves
-            x = x.to(self.lora_A.weight.dtype)
+        if x.dtype != self.lora_A.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)  # under autocast the matmuls cast x themselves
         update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return out + update.to(out.dtype)
