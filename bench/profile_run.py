@@ -1,9 +1,10 @@
-"""`python run.py train ...` under torch.profiler for ten optimizer steps after the first thirty-two: the kernels
-by device time, by host time, and the window's wall time. It profiles the run a user starts, packing, compiled
-blocks and CUDA graphs included, where bench/profile_train.py profiles a fixed batch.
+"""`python run.py train ...` under torch.profiler for ten optimizer steps after the first `--after` (default 32):
+the kernels by device time, by host time, and the window's wall time. It profiles the run a user starts, packing,
+compiled blocks and CUDA graphs included, where bench/profile_train.py profiles a fixed batch.
 
-    python bench/profile_run.py OUT.txt -- train --model DIR --data TABLE ... --out RUN
+    python bench/profile_run.py OUT.txt [--after 32] -- train --model DIR --data TABLE ... --out RUN
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -15,16 +16,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run  # noqa: E402
 import train.loop  # noqa: E402
 
-SKIPPED, WARMUP, ACTIVE = 30, 2, 10
+WARMUP, ACTIVE = 2, 10
 
 
 def main() -> int:
-    if len(sys.argv) < 3 or sys.argv[2] != "--":
-        print(__doc__, file=sys.stderr)
-        return 2
-    out = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="the text file the tables go to")
+    parser.add_argument("--after", type=int, default=32, help="optimizer steps run before the ten profiled")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    skipped, out = max(args.after - WARMUP, 0), args.out
     profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                       schedule=schedule(wait=SKIPPED, warmup=WARMUP, active=ACTIVE, repeat=1))
+                       schedule=schedule(wait=skipped, warmup=WARMUP, active=ACTIVE, repeat=1))
     launched_at: list[float] = []
     launch = train.loop.launch_optimizer_step
 
@@ -36,8 +40,8 @@ def main() -> int:
 
     train.loop.launch_optimizer_step = profiled_launch
     with profiler:
-        status = run.main(sys.argv[3:])
-    first = SKIPPED + WARMUP
+        status = run.main(command)
+    first = skipped + WARMUP
     if len(launched_at) <= first + ACTIVE:
         print(f"the run launched {len(launched_at)} steps; the profile needs {first + ACTIVE + 1}", file=sys.stderr)
         return 2
