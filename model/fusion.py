@@ -33,29 +33,36 @@ def _input_and_weight(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node
     return (args["input"], weight) if isinstance(value, torch.Tensor) and value.dim() == 2 else None
 
 
-def _changes_mode(node: torch.fx.Node) -> bool:
-    """Whether `node` enters or leaves an autocast or no-grad region: products on either side must not be joined."""
-    name = getattr(node.target, "__name__", "")
-    return node.op == "call_function" and ("autocast" in name or node.target is torch._C._set_grad_enabled)
+# What a joined product's piece may feed: ops that read it and return a new tensor. A piece is a view of the joint
+# product's columns; a view of it, a write into it, or handing it out of the graph could differ from the unjoined
+# product (other strides, the write reaching the other pieces' storage).
+READERS = frozenset({*LINEARS, F.silu, operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul})
 
 
-def _writes_in_place(user: torch.fx.Node) -> bool:
-    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-    return name.endswith("_") or (getattr(user.target, "__module__", "") == "_operator" and name.startswith("i"))
+def _ends_region(node: torch.fx.Node) -> bool:
+    """Whether `node` enters or leaves an autocast, no-grad or inference-mode region, or may write into a tensor:
+    products on either side of it must not be joined (the write may change their input or weight)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (node.target is torch._C._set_grad_enabled or any(word in name for word in ("autocast", "inference_mode"))
+            or name.endswith("_") or node.target is operator.setitem
+            or (getattr(node.target, "__module__", "") == "_operator" and name.startswith("i"))
+            or node.kwargs.get("inplace") is True or "out" in node.kwargs)
 
 
 class FuseSharedInputLinears(CustomGraphPass):
-    """Groups bias-free linears by their input, their weights' dtype and trainability, and the autocast and no-grad
-    region they run in; replaces each group of two or more with one linear of the concatenated weights and a split.
-    Frozen weights only where the group's take at most FROZEN_GROUP_BYTES."""
+    """Groups bias-free linears whose outputs only feed READERS by their input, their weights' dtype and trainability,
+    and the region they run in (between mode changes and writes); replaces each group of two or more with one linear
+    of the concatenated weights and a split. Frozen weights only where the group's take at most FROZEN_GROUP_BYTES."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         groups: dict[tuple, list[tuple[torch.fx.Node, torch.fx.Node]]] = collections.defaultdict(list)
         region = 0
         for node in graph.nodes:
-            region += _changes_mode(node)
+            region += _ends_region(node)
             found = _input_and_weight(node)
-            if found is not None and not any(_writes_in_place(user) for user in node.users):  # split gives views
+            if found is not None and all(user.op == "call_function" and user.target in READERS for user in node.users):
                 x, weight = found
                 value = weight.meta["example_value"]
                 groups[(x, value.dtype, value.requires_grad, region)].append((node, weight))
@@ -69,14 +76,10 @@ class FuseSharedInputLinears(CustomGraphPass):
                 weights = graph.call_function(torch.cat, ([weight for _, weight in members],), {"dim": 0})
                 product = graph.call_function(torch._C._nn.linear, (x, weights))
                 pieces = graph.call_function(torch.split, (product, [v.shape[0] for v in values]), {"dim": -1})
-                outputs = []
-                for i, (node, _) in enumerate(members):
-                    piece = graph.call_function(operator.getitem, (pieces, i))
-                    viewed = any(user.op == "call_method" and user.target == "view" for user in node.users)
-                    outputs.append(graph.call_method("contiguous", (piece,)) if viewed else piece)  # view needs it
+                outputs = [graph.call_function(operator.getitem, (pieces, i)) for i in range(len(members))]
             for (node, _), output in zip(members, outputs):
                 node.replace_all_uses_with(output)
                 graph.erase_node(node)
 
-    def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+    def uuid(self) -> str:
+        return f"{get_hash_for_files((__file__,)).hex()}-{FROZEN_GROUP_BYTES}"
