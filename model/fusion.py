@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 LINEARS = (F.linear, torch._C._nn.linear)
-# Frozen weights are concatenated anew at every forward pass and the result kept for the backward pass. Up to this
-# size a group's copy costs less than the launches it saves; the 8B's q/k/v (50 MB a block) and gate/up (235 MB)
-# would keep 9 GB more, and its GEMMs run near the tensor cores' peak already.
+# Frozen weights are concatenated anew at every forward pass, and the copy is kept for the backward pass or made again
+# there. Up to this size a group's copy costs less than the launches it saves. The 8B's q/k/v (50 MB a block) and
+# gate/up (235 MB) would copy 9 GB a pass (and keep it, where nothing is recomputed); its GEMMs run near peak already.
 FROZEN_GROUP_BYTES = 8 * 2**20
 
 
