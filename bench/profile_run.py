@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    skipped, out = max(args.after - WARMUP, 0), args.out
+    skipped = max(args.after - WARMUP, 0)
     profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                        schedule=schedule(wait=skipped, warmup=WARMUP, active=ACTIVE, repeat=1))
     launched_at: list[float] = []
@@ -47,12 +47,13 @@ def main() -> int:
         return 2
     wall_ms = (launched_at[first + ACTIVE - 1] - launched_at[first - 1]) * 1e3
     events = profiler.key_averages()
-    with out.open("w") as f:
-        f.write(f"run.py exit status {status}; steps {first + 1}-{first + ACTIVE}: {wall_ms:.1f} ms of host wall time\n")
+    with args.out.open("w") as f:
+        f.write(f"run.py exit status {status}; steps {first + 1}-{first + ACTIVE}: "
+                f"{wall_ms:.1f} ms of host wall time\n")
         f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
         f.write("\n\nBy host time\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90))
-    print(f"{out}: written")
+    print(f"{args.out}: written")
     return status
 
 

@@ -232,16 +232,17 @@ class Llama(nn.Module):
     def compile_blocks(self, activation_memory_budget: float = 1.0, recompute_in_graph: bool = False,
                        any_length: bool = False) -> None:
         """torch.compile every block but the final one (one graph serves them all); fuses norms, RoPE and SwiGLU on
-        the GPU, and joins the projections of one input into one GEMM (model.fusion). The final block, reading out only the rows' last positions, stays eager: it would be a graph of its
-        own, whose compilation cost more of a run's first step than its fusions saved (9 s of the 8B's; recomputing
-        no block, it keeps its activations: the 8B seed-best run's peak stayed at 8.86 GB). The blocks compile for the
-        first input's length, and again for any length when another comes; with `any_length`, packed lines compile
-        for any length at once (their length and sequence count symbolic, all else static).
+        the GPU, and joins the projections of one input into one GEMM (model.fusion). The final block, reading out
+        only the rows' last positions, stays eager: it would be a graph of its own, whose compilation cost more of a
+        run's first step than its fusions saved (9 s of the 8B's; recomputing no block, it keeps its activations: the
+        8B seed-best run's peak stayed at 8.86 GB). The blocks compile for the first input's length, and again for
+        any length when another comes; with `any_length`, packed lines compile for any length at once (their length
+        and sequence count symbolic, all else static).
 
         Below 1, `activation_memory_budget` lets the partitioner recompute cheap results in the backward pass rather
-        than keep them (torch._functorch.config's, process-wide, read whenever a block compiles, as is the fusion pass). With
-        `recompute_in_graph` that is all the recomputation there is: no block runs under checkpoint(), whatever
-        grad_checkpoint says (for blocks that compile to one graph, train.fastpath.blocks_compile_whole)."""
+        than keep them (torch._functorch.config's, process-wide, read whenever a block compiles, as is the fusion
+        pass). With `recompute_in_graph` that is all the recomputation there is: no block runs under checkpoint(),
+        whatever grad_checkpoint says (for blocks that compile to one graph, train.fastpath.blocks_compile_whole)."""
         from model.fusion import FuseSharedInputLinears  # imports inductor (2 s), which eager runs do without
 
         torch._functorch.config.activation_memory_budget = activation_memory_budget
