@@ -167,9 +167,11 @@ class Attention(nn.Module):
             else:  # a row's last token sees all its sequence's keys
                 k, v = k[packing.kv_index], v[packing.kv_index]
                 visible = packing.kv_doc == packing.doc[last, None]  # [R, K]
-            y = F.scaled_dot_product_attention(q.transpose(0, 1), repeat_kv(k, self.n_heads, 1).transpose(0, 1),
-                                               repeat_kv(v, self.n_heads, 1).transpose(0, 1), attn_mask=visible)
-            y = y.transpose(0, 1)
+            # As [1, H, R, hd]: torch's fused kernels take only 4-D inputs, and the math path that 3-D ones take
+            # materializes [H, R, K] scores, gigabytes for a scoring line's hundreds of rows over thousands of keys
+            k, v = repeat_kv(k, self.n_heads, 1), repeat_kv(v, self.n_heads, 1)
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[None, None])[0].transpose(0, 1)
         return self.o_proj(y.reshape(y.shape[0], self.n_heads * self.head_dim))
 
 

@@ -13,7 +13,8 @@ from data.batches import LINE_QUANTUM
 from data.synthetic import generate
 from lora import apply_lora, lora_layers
 from model import load_llama
-from model.llama import Packing, packed_causal_attention
+from model import LlamaConfig
+from model.llama import Attention, Packing, packed_causal_attention, rope_cos_sin, rope_inv_freq
 from train.batch import packed_rows, right_padded
 from train.objective import label_logits, loss_sum
 from train.predict import predict_p_true
@@ -242,3 +243,28 @@ def test_cuda_graphs_replay_packed_lines_within_bf16s_own_error(tiny_checkpoint,
     bf16_floor = torch.finfo(torch.bfloat16).eps / 4 * truth_losses.abs()  # compiled code rounds elsewhere
     assert ((graph_losses - truth_losses).abs() <= torch.maximum(1.5 * (plain_losses - truth_losses).abs(),
                                                                  bf16_floor)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's fused attention kernels need a GPU")
+def test_reading_out_many_rows_of_a_long_line_never_materializes_their_scores():
+    """A scoring line's final block: each of R rows' last query over all T keys. Scores [H, R, T] would take
+    `scores_bytes`; a fused kernel takes a fraction of it (the math path, taken once, took 16.29 GB against 10 GB)."""
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8)
+    attention = Attention(config).to("cuda", torch.bfloat16)
+    rows, row_tokens = 2048, 8
+    tokens = rows * row_tokens
+    cu_seqlens = torch.arange(0, tokens + 1, row_tokens, dtype=torch.int32, device="cuda")
+    doc = torch.arange(rows, device="cuda").repeat_interleave(row_tokens)
+    packing = Packing(cu_seqlens, doc, torch.arange(row_tokens, device="cuda").repeat(rows), row_tokens)
+    cos, sin = rope_cos_sin(rope_inv_freq(config, "cuda"), row_tokens, torch.bfloat16)
+    x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    last = cu_seqlens[1:].long() - 1
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        y = attention(x, cos[packing.positions], sin[packing.positions], last, packing)
+    scores_bytes = config.num_attention_heads * rows * tokens * 2
+    assert y.shape == (1, rows, config.hidden_size)
+    assert torch.cuda.max_memory_allocated() - before < scores_bytes / 3, (
+        torch.cuda.max_memory_allocated() - before, scores_bytes)
