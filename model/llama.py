@@ -10,6 +10,7 @@ import torch
 import torch._functorch.config
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from model.config import LlamaConfig
@@ -74,6 +75,16 @@ def repeat_kv(x: Tensor, n_heads: int, dim: int) -> Tensor:
     enable_gqa, whose FLOP count fails in the partitioner of a block compiled under an activation memory budget
     (torch 2.11)."""
     return x.repeat_interleave(n_heads // x.shape[dim], dim)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+    """scaled_dot_product_attention of [B, H, Tq, hd] queries where `visible` (broadcast to [B, H, Tq, Tk]) is True.
+    Where gradients flow, cuDNN's kernel is left out: its backward of a masked attention returns NaN for a query whose
+    logsumexp is below about -88.7 (pytorch#196678, torch 2.11 on H100/H200). Scoring keeps it: only the forward."""
+    if not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
 def flash_varlen_available(device: torch.device) -> bool:
@@ -145,8 +156,8 @@ class Attention(nn.Module):
             q = self.q_proj(x[torch.arange(batch, device=x.device), last]).view(batch, self.n_heads, 1, self.head_dim)
             q = apply_rope(q, cos[last].unsqueeze(1).unsqueeze(1), sin[last].unsqueeze(1).unsqueeze(1))
             visible = torch.arange(seq_len, device=x.device) <= last.unsqueeze(1)  # [B, T]: up to `last`
-            y = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_heads, 1), repeat_kv(v, self.n_heads, 1),
-                                               attn_mask=visible[:, None, None, :])
+            y = masked_attention(q, repeat_kv(k, self.n_heads, 1), repeat_kv(v, self.n_heads, 1),
+                                 visible[:, None, None, :])
             seq_len = 1
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
@@ -171,7 +182,7 @@ class Attention(nn.Module):
             # materializes [H, R, K] scores, gigabytes for a scoring line's hundreds of rows over thousands of keys
             k, v = repeat_kv(k, self.n_heads, 1), repeat_kv(v, self.n_heads, 1)
             q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[None, None])[0].transpose(0, 1)
+            y = masked_attention(q, k, v, visible[None, None])[0].transpose(0, 1)
         return self.o_proj(y.reshape(y.shape[0], self.n_heads * self.head_dim))
 
 
@@ -249,8 +260,9 @@ class Llama(nn.Module):
 
         torch._functorch.config.activation_memory_budget = activation_memory_budget
         torch._inductor.config.pre_grad_custom_pass = FuseSharedInputLinears()
-        # Reductions over up to 16,384 columns (an FP8 row scale over the 8B's 14,336) also get a persistent kernel,
-        # one read of each row, which the first call times against the looped one, whose second pass reads it again
+        # Process-wide, as the two above: a reduction over up to 16,384 columns (an FP8 row scale over the 8B's 14,336)
+        # also gets a persistent kernel, one read of each row, timed at a graph's first call against the looped one,
+        # whose second pass reads the row again; the faster one serves every later call
         torch._inductor.config.triton.multi_kernel = 1
         self.recompute_in_graph, self.any_length = recompute_in_graph, any_length
         for block in self.model.layers[:-1]:

@@ -245,7 +245,32 @@ def test_cuda_graphs_replay_packed_lines_within_bf16s_own_error(tiny_checkpoint,
                                                                  bf16_floor)).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's fused attention kernels need a GPU")
+def test_reading_out_last_positions_leaves_cudnn_out_only_where_gradients_flow(monkeypatch):
+    """cuDNN's backward of a masked attention can return NaN (pytorch#196678): the final block's masked attention,
+    packed or padded, offers it only to scoring."""
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    attention, offered, sdpa = Attention(config), [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        offered.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    cos, sin = rope_cos_sin(rope_inv_freq(config), 6, torch.float32)
+    x, last = torch.randn(2, 6, 64), torch.tensor([5, 3])
+    packing = Packing(torch.tensor([0, 6, 12], dtype=torch.int32), torch.arange(2).repeat_interleave(6),
+                      torch.arange(6).repeat(2), 6)
+    for gradients in (True, False):
+        with torch.set_grad_enabled(gradients):
+            attention(x, cos, sin, last)
+            attention(x.view(1, 12, 64), cos[packing.positions], sin[packing.positions], last + 6 * torch.arange(2),
+                      packing)
+    assert offered == [False, False, True, True]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="torch's fused attention kernels take bf16 on Ampere or newer GPUs")
 def test_reading_out_many_rows_of_a_long_line_never_materializes_their_scores():
     """A scoring line's final block: each of R rows' last query over all T keys. Scores [H, R, T] would take
     `scores_bytes`; a fused kernel takes a fraction of it (the math path, taken once, took 16.29 GB against 10 GB)."""
