@@ -2,6 +2,7 @@
 
 Rows come right-padded, [B, T], or packed end to end into one line, [1, T], with a `Packing` that says where each
 row starts; then positions restart at each row and attention stays within it."""
+import contextlib
 import math
 from itertools import pairwise
 from typing import NamedTuple
@@ -77,13 +78,14 @@ def repeat_kv(x: Tensor, n_heads: int, dim: int) -> Tensor:
     return x.repeat_interleave(n_heads // x.shape[dim], dim)
 
 
+BACKENDS_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
     """scaled_dot_product_attention of [B, H, Tq, hd] queries where `visible` (broadcast to [B, H, Tq, Tk]) is True.
     Where gradients flow, cuDNN's kernel is left out: its backward of a masked attention returns NaN for a query whose
     logsumexp is below about -88.7 (pytorch#196678, torch 2.11 on H100/H200). Scoring keeps it: only the forward."""
-    if not torch.is_grad_enabled():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    with sdpa_kernel(BACKENDS_WITHOUT_CUDNN) if torch.is_grad_enabled() else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 

@@ -5,10 +5,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from data import LineShape, Tokenized, budget_batches, pack_lines, padded_length
 from data.prefixes import collate_families, pack_families, prefix_families
+from model.llama import BACKENDS_WITHOUT_CUDNN
 from train.batch import Rows, line_as_rows, line_rows, padded_rows
 from train.objective import label_logits
 
@@ -26,7 +27,7 @@ def attention_without_cudnn(device: torch.device) -> contextlib.AbstractContextM
     kernel costs more than it saves: it builds an execution plan for every new shape, about 80 ms of host time
     for the forward pass and as much for the backward on an H100 (bench/RESULTS.md)."""
     if device.type == "cuda":
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+        return sdpa_kernel(BACKENDS_WITHOUT_CUDNN)
     return contextlib.nullcontext()
 
 
