@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import emit, env_info  # noqa: E402
+from bench.common import emit, env_info, parse_with_run_command  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) under torchrun")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds before the run and every process it started are killed")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args, command = parse_with_run_command(parser)
     out = Path(command[command.index("--out") + 1])
     metrics = out / "metrics.jsonl"
 

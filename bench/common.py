@@ -97,6 +97,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_run_command(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[str]]:
+    """The bench's own arguments, and run.py's that follow them after `--`."""
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
+    args = parser.parse_args()
+    return args, args.command[1:] if args.command[:1] == ["--"] else args.command
+
+
 def checkpoint_path(args: argparse.Namespace) -> Path:
     """--checkpoint when it holds a model, else a random checkpoint there (or at the default path)."""
     path = Path(args.checkpoint) if args.checkpoint else DEFAULT_TINY_CHECKPOINT if args.tiny else DEFAULT_CHECKPOINT

@@ -2,7 +2,7 @@
 the kernels by device time, by host time, and the window's wall time. It profiles the run a user starts, packing,
 compiled blocks and CUDA graphs included, where bench/profile_train.py profiles a fixed batch.
 
-    python bench/profile_run.py OUT.txt [--after 32] -- train --model DIR --data TABLE ... --out RUN
+    python bench/profile_run.py [--after 32] OUT.txt -- train --model DIR --data TABLE ... --out RUN
 """
 import argparse
 import sys
@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run  # noqa: E402
 import train.loop  # noqa: E402
+from bench.common import parse_with_run_command  # noqa: E402
 
 WARMUP, ACTIVE = 2, 10
 
@@ -23,9 +24,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the text file the tables go to")
     parser.add_argument("--after", type=int, default=32, help="optimizer steps run before the ten profiled")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args, command = parse_with_run_command(parser)
     skipped = max(args.after - WARMUP, 0)
     profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                        schedule=schedule(wait=skipped, warmup=WARMUP, active=ACTIVE, repeat=1))

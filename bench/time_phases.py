@@ -20,6 +20,7 @@ import run  # noqa: E402
 import train.graphs  # noqa: E402
 import train.loop  # noqa: E402
 import train.setup  # noqa: E402
+from bench.common import parse_with_run_command  # noqa: E402
 
 spans: list[dict] = []
 
@@ -42,9 +43,7 @@ def timed(owner: object, name: str, label: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default="run.py train")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="run.py's arguments, after --")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args, command = parse_with_run_command(parser)
     imported_s = time.perf_counter() - STARTED
     timed(train.setup.Base, "load_model", "load base")
     timed(train.loop, "tokenize_table", "tokenize")
