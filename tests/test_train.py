@@ -155,9 +155,11 @@ def test_non_finite_step_stops_with_the_step(tiny_llama3, tables, tmp_path, monk
     (["--model", "no-such-model"], "no-such-model: model folder does not exist"),
 ])
 def test_bad_flags_get_one_line_and_exit_2(flags, message, tmp_path):
+    env = {"LLAMA_JUDGE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # packages installed with pip --target, as on the GPU machines
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     result = subprocess.run([sys.executable, str(REPO / "run.py"), "train", *flags], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300,
-                            env={"LLAMA_JUDGE_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
