@@ -444,6 +444,20 @@ def test_a_refused_resume_leaves_the_config_as_it_was(finished_run, tmp_path, ca
     assert (run_dir / "config.json").read_bytes() == before
 
 
+def test_a_run_stopped_in_its_final_phase_resumes_and_finishes_it(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    for name in ("summary.json", "training.png", "decision.json"):  # killed after adapter/ was written
+        (run_dir / name).unlink()
+    assert run.main(["train", "--resume", str(run_dir)]) == 0
+    summary, before = (json.loads((folder / "summary.json").read_text()) for folder in (run_dir, finished_run))
+    for key in ("steps", "final", "best_val", "stopped_early"):
+        assert summary[key] == before[key]
+    assert (run_dir / "decision.json").read_bytes() == (finished_run / "decision.json").read_bytes()
+    assert (run_dir / "training.png").is_file()
+    assert "already finished at step 6" in main_error(["train", "--resume", str(run_dir)], capsys)
+
+
 def test_a_corrupt_progress_file_is_one_line(finished_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)

@@ -206,10 +206,12 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
     elif world.main:
         saved = saved_progress(folder.checkpoint)
         done = saved["step"]
-        if done >= last_step and folder.adapter.is_dir():
+        # summary.json is the last file a run writes: without it (or without adapter/), the final phase is redone
+        finished = folder.summary.is_file() and folder.adapter.is_dir()
+        if done >= last_step and finished:
             raise UserError(f"--resume {folder.path}: the run already finished at step {done} "
                             f"(pass a larger --max-steps or --epochs to train further)")
-        if patience_ran_out(saved, args.patience) and folder.adapter.is_dir():
+        if patience_ran_out(saved, args.patience) and finished:
             raise UserError(f"--resume {folder.path}: the run stopped early at step {done} after "
                             f"{saved['stale_evals']} evaluations without a better {args.select_by} "
                             f"(pass a larger --patience to train further)")
