@@ -449,6 +449,8 @@ def test_a_run_stopped_in_its_final_phase_resumes_and_finishes_it(finished_run, 
     shutil.copytree(finished_run, run_dir)
     for name in ("summary.json", "training.png", "decision.json"):  # killed after adapter/ was written
         (run_dir / name).unlink()
+    assert "checkpoint is at step 6, past the 4 steps asked" in main_error(
+        ["train", "--resume", str(run_dir), "--max-steps", "4"], capsys)
     assert run.main(["train", "--resume", str(run_dir)]) == 0
     summary, before = (json.loads((folder / "summary.json").read_text()) for folder in (run_dir, finished_run))
     for key in ("steps", "final", "best_val", "stopped_early"):

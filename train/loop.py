@@ -211,6 +211,9 @@ def _prepare_and_run(args: Namespace, folder: RunFolder | None, world: World) ->
         if done >= last_step and finished:
             raise UserError(f"--resume {folder.path}: the run already finished at step {done} "
                             f"(pass a larger --max-steps or --epochs to train further)")
+        if done > last_step:
+            raise UserError(f"--resume {folder.path}: its checkpoint is at step {done}, past the {last_step} steps "
+                            f"asked (pass a --max-steps or --epochs of at least {done} steps)")
         if patience_ran_out(saved, args.patience) and finished:
             raise UserError(f"--resume {folder.path}: the run stopped early at step {done} after "
                             f"{saved['stale_evals']} evaluations without a better {args.select_by} "
