@@ -240,6 +240,8 @@ def config_file_flags(path: Path) -> list[str]:
     try:
         if path.suffix == ".json":
             flags = json.loads(path.read_text())["flags"]
+            if not isinstance(flags, dict):
+                raise TypeError(f'"flags" is {type(flags).__name__}, not an object')
             values = {k: v for k, v in flags.items() if k not in ("command", "out", "resume")}
         else:
             values = tomllib.loads(path.read_text())

@@ -61,7 +61,12 @@ def get_template(name_or_path: str | Path) -> Template:
     path = Path(name_or_path)
     if not path.is_file():
         raise UserError(f"template {str(name_or_path)!r} is neither a builtin ({', '.join(BUILTIN)}) nor a file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: template is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{path}: template cannot be read ({e.strerror})") from None
     if text.endswith("\n"):  # the newline editors add at the end of a file is not part of the prompt
         text = text[:-1]
     try:

@@ -54,5 +54,17 @@ def test_bad_values_are_one_line(text, message, tmp_path, capsys):
     assert message in one_line_exit(["train", "--config", str(config)], capsys)
 
 
+@pytest.mark.parametrize("text,message", [
+    ('{"flags": [1]}', '"flags" is list, not an object'),
+    ('{"flags": null}', '"flags" is NoneType, not an object'),
+    ('[1]', "not a TOML file or a run's config.json"),
+    ('{"rank": 4}', "not a TOML file or a run's config.json"),
+])
+def test_a_json_config_that_is_not_a_runs_is_one_line(text, message, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(text)
+    assert message in one_line_exit(["train", "--config", str(config)], capsys)
+
+
 def test_a_missing_config_file_is_one_line(tmp_path, capsys):
     assert "No such file" in one_line_exit(["train", "--config", str(tmp_path / "none.toml")], capsys)

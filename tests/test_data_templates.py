@@ -82,6 +82,13 @@ def test_unmatched_brace(tmp_path):
         get_template(path)
 
 
+def test_a_template_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_bytes(b"\xff\xfe{question}{answer}")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: template is not UTF-8 text \(byte 0: "):
+        get_template(path)
+
+
 def test_neither_builtin_nor_file(tmp_path):
     with pytest.raises(UserError, match="neither a builtin"):
         get_template(tmp_path / "missing.txt")
