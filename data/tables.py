@@ -33,7 +33,8 @@ def read_table(
 
     A bad row raises UserError naming file, row and column, unless `skip_bad_rows`, which drops the bad rows
     and reports how many and which (printed, and listed in `df.attrs["skipped"]`). In a test table the labels
-    are kept only if the column is present and every value is a valid boolean; otherwise they are ignored.
+    are kept only if the column is present and every value is a valid boolean; otherwise they are ignored, and
+    unless the column is empty the first bad value is named.
     An empty answer is valid (a model that gave none): their count is printed and kept in
     `df.attrs["empty_answers"]`. The index holds the row numbers, `df.attrs["source"]` the path.
     """
@@ -58,6 +59,10 @@ def read_table(
     labels = parse_labels(df[LABEL]) if LABEL in df.columns else None
     if labels is not None and not labels.isna().any():
         df[LABEL] = labels.astype(bool)
+    elif labels is not None and (df[LABEL].str.strip() != "").any():  # an empty column is no labels, said or not
+        row = int(labels.index[labels.isna().to_numpy()][0])
+        print(f"{path}: row {row}, column {LABEL!r}: {_not_boolean(df[LABEL][row])}; the column is ignored "
+              f"({int(labels.isna().sum())} of {len(df)} values are not booleans)", file=sys.stderr)
     df.attrs["source"] = str(path)
     df.attrs["empty_answers"] = _report_empty_answers(df, path)
     return df

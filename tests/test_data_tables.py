@@ -246,11 +246,16 @@ def test_cells_are_text_exactly_as_written(tmp_path):
     assert df["solution"].tolist() == ["s", "None", "s"]
 
 
-def test_test_table_labels_used_only_when_all_valid(tmp_path):
+def test_test_table_labels_used_only_when_all_valid(tmp_path, capsys):
     header = "ID,question,answer,solution,is_correct\n"
     placeholder = read_table(write(tmp_path, "a.csv", header + "1,q,1,s,?\n2,q,1,s,True\n"), split="test")
     assert table_labels(placeholder) is None
     assert placeholder["is_correct"].tolist() == ["?", "True"]
+    assert capsys.readouterr().err == (f"{tmp_path / 'a.csv'}: row 1, column 'is_correct': '?' is not a boolean (use "
+                                       f"True/False, true/false, 1/0 or yes/no); the column is ignored (1 of 2 "
+                                       f"values are not booleans)\n")
+    empty = read_table(write(tmp_path, "e.csv", header + "1,q,1,s,\n2,q,1,s, \n"), split="test")
+    assert table_labels(empty) is None and capsys.readouterr().err == ""  # a placeholder column, nothing to name
     valid = read_table(write(tmp_path, "b.csv", header + "1,q,1,s,no\n2,q,1,s,True\n"), split="test")
     assert table_labels(valid).tolist() == [0, 1]
     assert table_labels(read_table(write(tmp_path, "c.csv", TEST), split="test")) is None
