@@ -235,8 +235,10 @@ def train_parser() -> argparse.ArgumentParser:
     return commands.choices["train"]
 
 
-def config_file_flags(path: Path) -> list[str]:
-    """A --config file as train flags: TOML keys, or the "flags" of a run's config.json (less where it ran)."""
+def config_file_flags(path: Path, name: str | None = None) -> list[str]:
+    """A --config file as train flags: TOML keys, or the "flags" of a run's config.json (less where it ran).
+    Errors name the file as `name` (default "--config PATH")."""
+    name = name or f"--config {path}"
     try:
         if path.suffix == ".json":
             flags = json.loads(path.read_text())["flags"]
@@ -246,21 +248,39 @@ def config_file_flags(path: Path) -> list[str]:
         else:
             values = tomllib.loads(path.read_text())
     except OSError as err:
-        raise UserError(f"--config {path}: {err.strerror}") from None
+        raise UserError(f"{name}: {err.strerror}") from None
     except (ValueError, KeyError, TypeError) as err:  # a bad TOML or JSON file, or JSON that is not a run's config
-        raise UserError(f"--config {path}: not a TOML file or a run's config.json ({err})") from None
+        raise UserError(f"{name}: not a TOML file or a run's config.json ({err})") from None
     actions = {a.dest: a for a in train_parser()._actions if a.option_strings and a.dest not in ("help", "config")}
     unknown = [k for k in values if k.replace("-", "_") not in actions]
     if unknown:
-        raise UserError(f"--config {path}: unknown train flag(s) {', '.join(unknown)} (see `python run.py train --help`)")
+        raise UserError(f"{name}: unknown train flag(s) {', '.join(unknown)} (see `python run.py train --help`)")
     tokens = []
     for key, value in values.items():
         action = actions[key.replace("-", "_")]
         if action.nargs == 0 and not isinstance(value, bool):
-            raise UserError(f"--config {path}: {key}={value!r} must be true or false")
+            raise UserError(f"{name}: {key}={value!r} must be true or false")
         if value is not None and value is not False:
             tokens += [action.option_strings[0]] + ([] if value is True else [str(value)])
     return tokens
+
+
+def check_saved_flags(run_dir: Path) -> None:
+    """A run's saved flags parse as `train`'s command line would, so that --resume, infer, eval and export meet no
+    flag of a wrong type or range deep inside: one that does not is one line naming config.json."""
+    config = run_dir / "config.json"
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # each command says what a run without a readable config.json lacks
+    if not isinstance(saved, dict) or not isinstance(saved.get("flags"), dict):
+        return  # nor is this a run's: the command says so
+    parser = train_parser()
+
+    def refuse(message: str) -> None:
+        raise UserError(f"{config}: a saved flag is not valid: {message}")
+    parser.error = refuse
+    parser.parse_args(config_file_flags(config, name=str(config)))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -312,6 +332,9 @@ def main(argv: list[str]) -> int:
         if launched_ranks() > 1 and args.command not in ("train", "infer"):
             raise UserError(f"run.py {args.command} runs in one process: start it with python, not torchrun "
                             f"(train and infer share their work across torchrun's processes)")
+        saved_run = getattr(args, "resume", None) if args.command == "train" else getattr(args, "run", None)
+        if saved_run:
+            check_saved_flags(Path(saved_run))
         if args.command == "train":
             from train.loop import train
             train(args)

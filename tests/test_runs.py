@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import run
 import train.infer
@@ -460,14 +460,55 @@ def test_a_run_stopped_in_its_final_phase_resumes_and_finishes_it(finished_run, 
     assert "already finished at step 6" in main_error(["train", "--resume", str(run_dir)], capsys)
 
 
-def test_a_corrupt_progress_file_is_one_line(finished_run, tmp_path, capsys):
+def edit_json(file: Path, edit) -> None:
+    record = json.loads(file.read_text())
+    edit(record)
+    file.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r.pop("param_groups"), "an optimizer group is None, not lr, betas [b1, b2], eps and weight_decay"),
+    (lambda r: r["param_groups"][0].update(betas="x"), "an optimizer group is {"),
+    (lambda r: r["progress"].update(wall_s=None), "progress 'wall_s' is None, not a number of seconds"),
+    (lambda r: r["progress"].update(epoch="x"), "progress 'epoch' is 'x', not a count"),
+    (lambda r: r["progress"].pop("stale_evals"), "progress 'stale_evals' is None, not a count"),
+    (lambda r: r["progress"].update(best_score="high"), "progress 'best_score' is 'high', not a number or null"),
+])
+def test_a_corrupt_progress_file_is_one_line_and_changes_nothing(edit, message, finished_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    progress = run_dir / "checkpoint" / "progress.json"
-    record = json.loads(progress.read_text())
-    del record["param_groups"]
-    progress.write_text(json.dumps(record))
-    assert "corrupt checkpoint (KeyError" in main_error(["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
+    edit_json(run_dir / "checkpoint" / "progress.json", edit)
+    config = (run_dir / "config.json").read_bytes()
+    assert message in main_error(["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
+    assert (run_dir / "config.json").read_bytes() == config  # no resume recorded
+
+
+def test_a_random_state_that_is_not_bytes_is_one_line(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    file = run_dir / "checkpoint" / "state.safetensors"
+    tensors = load_file(file)
+    tensors["rng.0.cpu"] = tensors["rng.0.cpu"].float()
+    save_file(tensors, file)
+    assert "a cpu random state is torch.float32" in main_error(
+        ["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
+
+
+@pytest.mark.parametrize("command", ["resume", "infer"])
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: r["flags"].update(rank="four"), "a saved flag is not valid: argument --rank: 'four' is not an integer"),
+    (lambda r: r["flags"].update(max_len="x"), "a saved flag is not valid: argument --max-len: 'x' is not an"),
+    (lambda r: r["flags"].pop("quant"), "corrupt run config (flag 'quant' is missing)"),
+    (lambda r: r["manifest"].pop("data_sha256"), "corrupt run config (the manifest's 'data_sha256' is None"),
+])
+def test_a_corrupt_run_config_is_one_line(command, edit, message, finished_run, tables, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    edit_json(run_dir / "config.json", edit)
+    argv = (["train", "--resume", str(run_dir), "--max-steps", "8"] if command == "resume" else
+            ["infer", "--run", str(run_dir), "--data", str(tables[1]), "--out", str(tmp_path / "s.csv")])
+    assert message in main_error(argv, capsys)
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_resume_after_a_crash_logs_each_step_once(tiny_llama3, tables, tmp_path, monkeypatch):

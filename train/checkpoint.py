@@ -63,10 +63,40 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 def saved_progress(folder: Path) -> dict:
     """The progress a checkpoint holds (step, data position, ...), read without its tensors."""
-    progress = read_json(folder / PROGRESS_FILE, f"{folder}: no {PROGRESS_FILE}").get("progress")
-    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) or progress["step"] < 0:
-        raise UserError(f"{folder / PROGRESS_FILE}: corrupt checkpoint (no valid 'progress' with a step)")
+    return _checked_progress(read_json(folder / PROGRESS_FILE, f"{folder}: no {PROGRESS_FILE}").get("progress"),
+                             folder / PROGRESS_FILE)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_progress(progress: object, file: Path) -> dict:
+    """`progress` if each value is of its kind (a corrupt one would fail deep inside the loop), else one UserError."""
+    if not isinstance(progress, dict):
+        raise UserError(f"{file}: corrupt checkpoint (no 'progress' object)")
+    kinds = {key: (_is_count, "a count") for key in ("step", "epoch", "index", "stale_evals")}
+    kinds.update(wall_s=(lambda v: _is_real(v) and v >= 0, "a number of seconds"),
+                 best_step=(lambda v: v is None or _is_count(v), "a step or null"),
+                 best_score=(lambda v: v is None or _is_real(v), "a number or null"))
+    for key, (valid, words) in kinds.items():
+        if key not in progress or not valid(progress[key]):
+            raise UserError(f"{file}: corrupt checkpoint (progress {key!r} is {progress.get(key)!r}, not {words})")
     return progress
+
+
+def _checked_param_groups(groups: object, file: Path) -> list[dict]:
+    for group in groups if isinstance(groups, list) else [None]:
+        betas = group.get("betas") if isinstance(group, dict) else None
+        if not (isinstance(betas, list) and len(betas) == 2 and all(map(_is_real, betas))
+                and all(_is_real(group.get(key)) for key in ("lr", "eps", "weight_decay"))):
+            raise UserError(f"{file}: corrupt checkpoint (an optimizer group is {group!r}, not lr, betas [b1, b2], "
+                            f"eps and weight_decay as numbers)")
+    return groups
 
 
 def load_checkpoint(folder: Path, model: nn.Module,
@@ -102,7 +132,9 @@ def _load_checkpoint(folder: Path, model: nn.Module,
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"adapter.{name}"])
-    for group, saved_group in zip(optimizer.param_groups, record["param_groups"]):
+    progress = _checked_progress(record.get("progress"), folder / PROGRESS_FILE)
+    for group, saved_group in zip(optimizer.param_groups, _checked_param_groups(record.get("param_groups"),
+                                                                                folder / PROGRESS_FILE)):
         group.update(saved_group)
     for name, step in record["optimizer_steps"].items():
         p = params[name]
@@ -114,4 +146,9 @@ def _load_checkpoint(folder: Path, model: nn.Module,
     else:
         rng_states = [{kind: tensors[f"rng.{rank}.{kind}"] for kind in ("cpu", "cuda") if f"rng.{rank}.{kind}" in tensors}
                       for rank in range(record["rng_ranks"])]
-    return record["progress"], rng_states
+    for state in rng_states:
+        for kind, value in state.items():
+            if value.dtype != torch.uint8 or value.dim() != 1:
+                raise UserError(f"{file}: corrupt checkpoint (a {kind} random state is {value.dtype} of shape "
+                                f"{list(value.shape)}, not a row of bytes)")
+    return progress, rng_states

@@ -93,12 +93,22 @@ class RunFolder:
             self._lock = None
 
 
+# The saved flags that resume, infer, eval and export read without a default (run.py checks their values).
+SCORING_FLAGS = ("model", "template", "max_len", "quant", "val_size", "seed")
+
+
 def read_run_config(file: Path, missing: str) -> dict:
     """A run's config.json, with its 'flags' and 'manifest' objects; a missing file raises `missing`."""
     config = read_json(file, missing)
     for key in ("flags", "manifest"):
         if not isinstance(config.get(key), dict):
             raise UserError(f"{file}: not a run's config (no {key!r} object)")
+    absent = [key for key in SCORING_FLAGS if key not in config["flags"]]
+    if absent:
+        raise UserError(f"{file}: corrupt run config (flag {absent[0]!r} is missing)")
+    if not isinstance(config["manifest"].get("data_sha256"), str):
+        raise UserError(f"{file}: corrupt run config (the manifest's 'data_sha256' is "
+                        f"{config['manifest'].get('data_sha256')!r}, not the data's SHA-256)")
     return config
 
 
