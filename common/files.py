@@ -67,18 +67,30 @@ def unwritable_ancestor(path: Path) -> Path | None:
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Calls write(file) on a temporary file beside `path`, flushed to disk, then renames it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writes: dict[Path, Callable[[IO[bytes]], None]]) -> None:
+    """atomic_write for a set of files that belong together: each is written to its temporary file first, and only
+    once all are on disk are they renamed into place, so that a failure (a full disk) leaves the old set whole."""
+    temporaries = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # e.g. a full disk: name the file the user asked for, not the temporary one
-        raise OSError(err.errno, err.strerror, str(path)) from None
+        for path, write in writes.items():
+            current = path  # an error names the file the user asked for, not the temporary one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temporaries.items():
+            current = path
+            os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(current)) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temporaries.values():
+            Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path: Path, record: dict) -> None:

@@ -369,14 +369,49 @@ def test_non_finite_validation_scores_are_one_line(tiny_llama3, tables, tmp_path
         train_argv(tiny_llama3, tables[0], tmp_path / "run"), capsys)
 
 
-def test_a_full_disk_is_one_line(finished_run, tables, tmp_path, monkeypatch, capsys):
-    def full(path, write):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    monkeypatch.setattr(train.infer, "atomic_write", full)
+def test_a_temporary_file_that_cannot_be_made_is_reported_by_the_name_asked_for(tmp_path, monkeypatch):
+    def refused(**kwargs):
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(Path(kwargs["dir"]) / ".x.csv.abc.tmp"))
+    monkeypatch.setattr(files.tempfile, "mkstemp", refused)
+    with pytest.raises(OSError) as raised:
+        files.atomic_write(tmp_path / "x.csv", lambda f: f.write(b"x"))
+    assert raised.value.filename == str(tmp_path / "x.csv") and not list(tmp_path.iterdir())
+
+
+def labels_for(test_csv: Path, folder: Path) -> Path:
+    ids = pd.read_csv(test_csv, dtype=str)["ID"]
+    labels = folder / "labels.csv"
+    pd.DataFrame({"ID": ids, "is_correct": [i % 2 == 0 for i in range(len(ids))]}).to_csv(labels, index=False)
+    return labels
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_outputs_whole(finished_run, tables, tmp_path, monkeypatch,
+                                                                    capsys):
     out = tmp_path / "s.csv"
-    message = main_error(["infer", "--run", str(finished_run), "--data", str(tables[1]), "--out", str(out)], capsys)
-    assert message == f"error: {out.absolute() if out.is_absolute() else out}: No space left on device"
-    assert not out.exists()
+    argv = ["infer", "--run", str(finished_run), "--data", str(tables[1]), "--out", str(out),
+            "--labels", str(labels_for(tables[1], tmp_path))]
+    assert run.main(argv + ["--threshold", "0", "--no-consensus"]) == 0  # every answer called correct
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("s*")}
+    assert sorted(before) == ["s.csv", "s_metrics.json", "s_p_true.csv"]
+    fsyncs = []
+
+    def full_at_the_second_file(fd):
+        fsyncs.append(fd)
+        if len(fsyncs) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files.os, "fsync", full_at_the_second_file)
+    message = main_error(argv + ["--threshold", "1", "--no-consensus"], capsys)  # none called correct: a new s.csv
+    assert message == f"error: {tmp_path / 's_p_true.csv'}: No space left on device"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(("s", ".s"))} == before
+
+
+def test_scoring_without_labels_removes_the_metrics_of_an_earlier_scoring(finished_run, tables, tmp_path):
+    out = tmp_path / "s.csv"
+    argv = ["infer", "--run", str(finished_run), "--data", str(tables[1]), "--out", str(out)]
+    assert run.main(argv + ["--labels", str(labels_for(tables[1], tmp_path))]) == 0
+    assert (tmp_path / "s_metrics.json").is_file()
+    assert run.main(argv) == 0
+    assert not (tmp_path / "s_metrics.json").exists() and out.is_file()
 
 
 # 7. Silent wrong results.

@@ -1,9 +1,12 @@
 """Scoring a test table with a trained run: submission.csv (ID,is_correct) and P(True) per row, every row or none."""
 import contextlib
+import json
 import os
 from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -11,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import atomic_write, read_json, unwritable_ancestor, write_json
+from common.files import atomic_write_all, read_json, unwritable_ancestor
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
@@ -36,8 +39,8 @@ def newest_run(runs_dir: Path = Path("runs")) -> Path:
     return max(adapters, key=lambda p: p.stat().st_mtime).parent.parent.absolute()
 
 
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda f: df.to_csv(f, index=False))
+def csv_writer(df: pd.DataFrame) -> Callable[[IO[bytes]], None]:
+    return lambda f: df.to_csv(f, index=False)
 
 
 def output_files(out: Path) -> list[Path]:
@@ -195,13 +198,18 @@ def _infer(args: Namespace, world: World) -> Path:
         return Path(args.out)
 
     out, p_true_out, metrics_out = outputs
-    write_csv(pd.DataFrame({"ID": df["ID"], "is_correct": predicted}), out)
-    write_csv(pd.DataFrame({"ID": df["ID"], "p_true": p_true}), p_true_out)
+    files = {out: csv_writer(pd.DataFrame({"ID": df["ID"], "is_correct": predicted})),
+             p_true_out: csv_writer(pd.DataFrame({"ID": df["ID"], "p_true": p_true}))}
+    if labels is not None:
+        metrics = binary_metrics(p_true, labels, thresholds)
+        text = json.dumps({**metrics, **decision}, indent=2, default=str) + "\n"
+        files[metrics_out] = lambda f: f.write(text.encode())
+    atomic_write_all(files)  # the set as a whole, or the old set untouched
+    if labels is None:
+        metrics_out.unlink(missing_ok=True)  # an earlier scoring's metrics would not describe these predictions
     print(f"{out}: {len(df)} predictions from {run.adapter or run.model} ({int(predicted.sum())} True"
           + (f"; {int(by_consensus.sum())} decided with the consensus of their question's candidates)"
              if by_consensus.any() else ")"))
     if labels is not None:
-        metrics = binary_metrics(p_true, labels, thresholds)
-        write_json(metrics_out, {**metrics, **decision})
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return out
