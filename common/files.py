@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from safetensors import SafetensorError
+
 from common.errors import UserError
 
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths in one step
@@ -54,6 +56,13 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
     try:
         yield tmp
         replace_folder(tmp, out_dir)
+    except OSError as err:  # e.g. a full disk: name the file the user will look for, not the temporary one
+        if err.filename is None or not Path(err.filename).is_relative_to(tmp):
+            raise
+        raise OSError(err.errno, err.strerror, str(out_dir / Path(err.filename).relative_to(tmp))) from None
+    except SafetensorError as err:  # a write that failed, in safetensors' words (no file named)
+        raise OSError(None, f"writing a safetensors file failed: {' '.join(str(err).split())}",
+                      str(out_dir)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

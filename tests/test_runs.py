@@ -369,6 +369,21 @@ def test_non_finite_validation_scores_are_one_line(tiny_llama3, tables, tmp_path
         train_argv(tiny_llama3, tables[0], tmp_path / "run"), capsys)
 
 
+def test_a_folder_write_that_fails_names_the_folder_asked_for(tmp_path):
+    from safetensors import SafetensorError
+
+    dest = tmp_path / "checkpoint"
+    with pytest.raises(OSError) as raised:
+        with files.atomic_folder(dest) as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "state.safetensors"))
+    assert raised.value.filename == str(dest / "state.safetensors") and raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as raised:
+        with files.atomic_folder(dest):
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    assert raised.value.filename == str(dest) and "StorageFull" in raised.value.strerror
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
 def test_a_temporary_file_that_cannot_be_made_is_reported_by_the_name_asked_for(tmp_path, monkeypatch):
     def refused(**kwargs):
         raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(Path(kwargs["dir"]) / ".x.csv.abc.tmp"))
