@@ -6,6 +6,7 @@ data row (a CSV header is not a row). The input file is only ever opened for rea
 """
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,7 @@ def _read_text_columns(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            sep = "\t" if suffix == ".tsv" else ","
-            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+            df = _read_delimited(path, sep="\t" if suffix == ".tsv" else ",")
         elif suffix == ".jsonl":
             df = _read_jsonl(path)
         else:
@@ -128,6 +128,22 @@ def _read_text_columns(path: Path) -> pd.DataFrame:
     if len(df) == 0:
         raise UserError(f"{path}: has a header but no data rows" if len(df.columns) else f"{path}: has no rows")
     return pd.DataFrame({str(c): _as_text(df[c]) for c in df.columns})
+
+
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    """CSV or TSV as text, refusing what pandas would repair in silence: a name twice in the header (it would
+    rename the second) and rows longer than the header (it would make their first fields an index)."""
+    options = dict(sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+    header = pd.read_csv(path, header=None, nrows=1, **options).iloc[0].tolist()
+    repeated = next((name for name in header if header.count(name) > 1), None)
+    if repeated is not None:
+        raise UserError(f"{path}: column {repeated!r} appears {header.count(repeated)} times in the header")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, index_col=False, **options)
+        except pd.errors.ParserWarning:  # every row longer than the header: pandas would drop the extra fields
+            raise UserError(f"{path}: the rows have more fields than the header's {len(header)} names") from None
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:

@@ -332,3 +332,13 @@ def test_label_value_not_boolean(tmp_path):
     path = write(tmp_path, "labels.csv", LABELS + "5,maybe\n")
     not_boolean = "'maybe' is not a boolean (use True/False, true/false, 1/0 or yes/no)"
     rejects_labels(path, f"{path}: row 4, column 'is_correct': {not_boolean}")
+
+
+def test_a_name_twice_in_the_header_is_refused(tmp_path):
+    path = write(tmp_path, "t.csv", "question,answer,solution,is_correct,is_correct\nq,1,s,True,False\n")
+    rejects(path, f"{path}: column 'is_correct' appears 2 times in the header")
+
+
+def test_rows_longer_than_the_header_are_refused_not_shifted(tmp_path):
+    path = write(tmp_path, "t.tsv", "question\tanswer\tsolution\tis_correct\nx\tq\t1\ts\tTrue\ny\tq\t2\ts\tFalse\n")
+    rejects(path, f"{path}: the rows have more fields than the header's 4 names")
