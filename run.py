@@ -260,8 +260,10 @@ def config_file_flags(path: Path, name: str | None = None) -> list[str]:
         action = actions[key.replace("-", "_")]
         if action.nargs == 0 and not isinstance(value, bool):
             raise UserError(f"{name}: {key}={value!r} must be true or false")
-        if value is not None and value is not False:
-            tokens += [action.option_strings[0]] + ([] if value is True else [str(value)])
+        if value is True:
+            tokens.append(action.option_strings[0])
+        elif value is not None and value is not False:  # one token, so that a value such as "-x" is not a flag
+            tokens.append(f"{action.option_strings[0]}={value}")
     return tokens
 
 
@@ -332,9 +334,12 @@ def main(argv: list[str]) -> int:
         if launched_ranks() > 1 and args.command not in ("train", "infer"):
             raise UserError(f"run.py {args.command} runs in one process: start it with python, not torchrun "
                             f"(train and infer share their work across torchrun's processes)")
-        saved_run = getattr(args, "resume", None) if args.command == "train" else getattr(args, "run", None)
-        if saved_run:
-            check_saved_flags(Path(saved_run))
+        if args.command == "train" and args.resume:
+            check_saved_flags(Path(args.resume))
+        elif args.command in ("infer", "eval", "export"):
+            from train.infer import run_folder
+            if (folder := run_folder(args)) is not None:
+                check_saved_flags(folder)
         if args.command == "train":
             from train.loop import train
             train(args)

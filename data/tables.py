@@ -135,7 +135,7 @@ def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
     rename the second) and rows longer than the header (it would make their first fields an index)."""
     options = dict(sep=sep, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     header = pd.read_csv(path, header=None, nrows=1, **options).iloc[0].tolist()
-    repeated = next((name for name in header if header.count(name) > 1), None)
+    repeated = next((name for name in header if name.strip() and header.count(name) > 1), None)  # not blanks
     if repeated is not None:
         raise UserError(f"{path}: column {repeated!r} appears {header.count(repeated)} times in the header")
     with warnings.catch_warnings():

@@ -68,3 +68,11 @@ def test_a_json_config_that_is_not_a_runs_is_one_line(text, message, tmp_path, c
 
 def test_a_missing_config_file_is_one_line(tmp_path, capsys):
     assert "No such file" in one_line_exit(["train", "--config", str(tmp_path / "none.toml")], capsys)
+
+
+def test_a_saved_value_that_looks_like_a_flag_stays_a_value(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"flags": {"group_col": "-x", "data": "t.csv", "grad_checkpoint": true, "eager": false}}')
+    assert run.config_file_flags(config) == ["--group-col=-x", "--data=t.csv", "--grad-checkpoint"]
+    args = run.parse_args(["train", "--config", str(config)])
+    assert args.group_col == "-x" and args.grad_checkpoint is True and args.eager is False

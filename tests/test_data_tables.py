@@ -342,3 +342,8 @@ def test_a_name_twice_in_the_header_is_refused(tmp_path):
 def test_rows_longer_than_the_header_are_refused_not_shifted(tmp_path):
     path = write(tmp_path, "t.tsv", "question\tanswer\tsolution\tis_correct\nx\tq\t1\ts\tTrue\ny\tq\t2\ts\tFalse\n")
     rejects(path, f"{path}: the rows have more fields than the header's 4 names")
+
+
+def test_blank_names_of_trailing_delimiters_are_not_a_repeated_column(tmp_path):
+    df = read_table(write(tmp_path, "t.csv", "question,answer,solution,is_correct,,\nq,1,s,True,,\n"))
+    assert df["is_correct"].tolist() == [True]

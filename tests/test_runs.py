@@ -510,6 +510,15 @@ def test_a_run_stopped_in_its_final_phase_resumes_and_finishes_it(finished_run, 
     assert "already finished at step 6" in main_error(["train", "--resume", str(run_dir)], capsys)
 
 
+def test_a_corrupt_newest_run_is_one_line_when_no_run_is_named(finished_run, tables, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "runs" / "x"
+    shutil.copytree(finished_run, run_dir)
+    edit_json(run_dir / "config.json", lambda r: r["flags"].update(max_len="abc"))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["infer", "--data", str(tables[1]), "--out", "s.csv"], ["export", "--out", "merged"]):
+        assert "a saved flag is not valid: argument --max-len: 'abc'" in main_error(argv, capsys)
+
+
 def edit_json(file: Path, edit) -> None:
     record = json.loads(file.read_text())
     edit(record)
@@ -538,10 +547,15 @@ def test_a_random_state_that_is_not_bytes_is_one_line(finished_run, tmp_path, ca
     shutil.copytree(finished_run, run_dir)
     file = run_dir / "checkpoint" / "state.safetensors"
     tensors = load_file(file)
-    tensors["rng.0.cpu"] = tensors["rng.0.cpu"].float()
-    save_file(tensors, file)
-    assert "a cpu random state is torch.float32" in main_error(
-        ["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
+    saved = dict(tensors)
+    for change, message in ((lambda t: t.update({"rng.0.cpu": t["rng.0.cpu"].float()}),
+                             "a cpu random state is torch.float32"),
+                            (lambda t: t.update({"rng.0.cpu": t["rng.0.cpu"][:100]}), "corrupt checkpoint (RuntimeError"),
+                            (lambda t: t.pop("rng.0.cpu"), "a rank's cpu random state is missing")):
+        tensors = dict(saved)
+        change(tensors)
+        save_file(tensors, file)
+        assert message in main_error(["train", "--resume", str(run_dir), "--max-steps", "8"], capsys)
 
 
 @pytest.mark.parametrize("command", ["resume", "infer"])

@@ -147,8 +147,11 @@ def _load_checkpoint(folder: Path, model: nn.Module,
         rng_states = [{kind: tensors[f"rng.{rank}.{kind}"] for kind in ("cpu", "cuda") if f"rng.{rank}.{kind}" in tensors}
                       for rank in range(record["rng_ranks"])]
     for state in rng_states:
+        if "cpu" not in state:
+            raise UserError(f"{file}: corrupt checkpoint (a rank's cpu random state is missing)")
         for kind, value in state.items():
             if value.dtype != torch.uint8 or value.dim() != 1:
                 raise UserError(f"{file}: corrupt checkpoint (a {kind} random state is {value.dtype} of shape "
                                 f"{list(value.shape)}, not a row of bytes)")
+        torch.Generator().set_state(state["cpu"])  # checks its size, as set_rng_state would later
     return progress, rng_states

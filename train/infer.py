@@ -92,13 +92,21 @@ class TrainedRun:
         return own + ([Path(self.model)] if self.model else [])
 
 
+def run_folder(args: Namespace) -> Path | None:
+    """The run a scoring command reads: --run, else the newest under runs/; None for a merged export (a `--model`
+    folder holding judge.json, given without --run), which is scored as it is."""
+    if not args.run and getattr(args, "model", None) and (Path(args.model) / JUDGE).is_file():
+        return None
+    return Path(args.run).absolute() if args.run else newest_run()
+
+
 def open_run(args: Namespace) -> TrainedRun:
     """The run of `args.run` (default: the newest under runs/) and its adapter (`args.best`: adapter_best/), with
     `args.max_len`, `args.batch_tokens` and `args.model` defaulting to what the run used. Without `args.run`, an
     `args.model` folder holding judge.json (`run.py export`) is scored as it is, with no adapter."""
-    if not args.run and args.model and (Path(args.model) / JUDGE).is_file():
+    run_dir = run_folder(args)
+    if run_dir is None:
         return open_export(args)
-    run_dir = Path(args.run).absolute() if args.run else newest_run()
     adapter_dir = run_dir / ("adapter_best" if args.best else "adapter")
     unfinished = f"--run {run_dir}: not a finished run (needs {CONFIG} and {adapter_dir.name}/)"
     if not adapter_dir.is_dir():
