@@ -3,7 +3,9 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +76,20 @@ def unwritable_ancestor(path: Path) -> Path | None:
     return None if nearest.is_dir() and os.access(nearest, os.W_OK) else nearest
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (in the main thread of a POSIX system; elsewhere the block
+    runs as it is)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Calls write(file) on a temporary file beside `path`, flushed to disk, then renames it to `path`."""
     atomic_write_all({path: write})
@@ -92,9 +108,10 @@ def atomic_write_all(writes: dict[Path, Callable[[IO[bytes]], None]]) -> None:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        for path, tmp in temporaries.items():
-            current = path
-            os.replace(tmp, path)
+        with signals_held():  # a Ctrl-C between two renames would leave half a new set
+            for path, tmp in temporaries.items():
+                current = path
+                os.replace(tmp, path)
     except OSError as err:
         raise OSError(err.errno, err.strerror, str(current)) from None
     finally:

@@ -393,6 +393,18 @@ def test_a_temporary_file_that_cannot_be_made_is_reported_by_the_name_asked_for(
     assert raised.value.filename == str(tmp_path / "x.csv") and not list(tmp_path.iterdir())
 
 
+def test_a_signal_while_a_set_of_files_is_renamed_comes_after_the_whole_set(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def interrupted_replace(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # held until every file of the set is in place
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_all({tmp_path / name: lambda f: f.write(b"x") for name in ("a.csv", "b.csv")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv"]
+
+
 def labels_for(test_csv: Path, folder: Path) -> Path:
     ids = pd.read_csv(test_csv, dtype=str)["ID"]
     labels = folder / "labels.csv"
