@@ -235,22 +235,32 @@ def train_parser() -> argparse.ArgumentParser:
     return commands.choices["train"]
 
 
-def config_file_flags(path: Path, name: str | None = None) -> list[str]:
-    """A --config file as train flags: TOML keys, or the "flags" of a run's config.json (less where it ran).
-    Errors name the file as `name` (default "--config PATH")."""
-    name = name or f"--config {path}"
+def without_where_it_ran(flags: dict) -> dict:
+    """A run's saved flags less those that say where it ran."""
+    return {k: v for k, v in flags.items() if k not in ("command", "out", "resume")}
+
+
+def config_file_flags(path: Path) -> list[str]:
+    """A --config file as train flags: TOML keys, or the "flags" of a run's config.json (less where it ran)."""
+    name = f"--config {path}"
     try:
         if path.suffix == ".json":
             flags = json.loads(path.read_text())["flags"]
             if not isinstance(flags, dict):
                 raise TypeError(f'"flags" is {type(flags).__name__}, not an object')
-            values = {k: v for k, v in flags.items() if k not in ("command", "out", "resume")}
+            values = without_where_it_ran(flags)
         else:
             values = tomllib.loads(path.read_text())
     except OSError as err:
         raise UserError(f"{name}: {err.strerror}") from None
     except (ValueError, KeyError, TypeError) as err:  # a bad TOML or JSON file, or JSON that is not a run's config
         raise UserError(f"{name}: not a TOML file or a run's config.json ({err})") from None
+    return flag_tokens(values, name)
+
+
+def flag_tokens(values: dict, name: str) -> list[str]:
+    """{flag: value} as train's command-line tokens; an unknown flag, or a switch that is not true or false, is a
+    UserError naming `name`."""
     actions = {a.dest: a for a in train_parser()._actions if a.option_strings and a.dest not in ("help", "config")}
     unknown = [k for k in values if k.replace("-", "_") not in actions]
     if unknown:
@@ -282,7 +292,7 @@ def check_saved_flags(run_dir: Path) -> None:
     def refuse(message: str) -> None:
         raise UserError(f"{config}: a saved flag is not valid: {message}")
     parser.error = refuse
-    parser.parse_args(config_file_flags(config, name=str(config)))
+    parser.parse_args(flag_tokens(without_where_it_ran(saved["flags"]), str(config)))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -119,9 +119,14 @@ def atomic_write_all(writes: dict[Path, Callable[[IO[bytes]], None]]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def write_json(path: Path, record: dict) -> None:
+def json_writer(record: dict) -> Callable[[IO[bytes]], None]:
+    """What writes `record` as indented JSON, for atomic_write and atomic_write_all."""
     text = json.dumps(record, indent=2, default=str) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    return lambda f: f.write(text.encode())
+
+
+def write_json(path: Path, record: dict) -> None:
+    atomic_write(path, json_writer(record))
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -43,25 +43,17 @@ def test_unknown_keys_are_one_line(tmp_path, capsys):
     assert "unknown train flag(s) learning_rate, warmup" in err and str(config) in err
 
 
-@pytest.mark.parametrize("text,message", [
-    ("rank = -1\n", "--rank: must be positive, got -1"),
-    ("eager = 1\n", "eager=1 must be true or false"),
-    ("rank = [\n", "not a TOML file"),
+@pytest.mark.parametrize("name,text,message", [
+    ("bad.toml", "rank = -1\n", "--rank: must be positive, got -1"),
+    ("bad.toml", "eager = 1\n", "eager=1 must be true or false"),
+    ("bad.toml", "rank = [\n", "not a TOML file"),
+    ("config.json", '{"flags": [1]}', '"flags" is list, not an object'),
+    ("config.json", '{"flags": null}', '"flags" is NoneType, not an object'),
+    ("config.json", '[1]', "not a TOML file or a run's config.json"),
+    ("config.json", '{"rank": 4}', "not a TOML file or a run's config.json"),
 ])
-def test_bad_values_are_one_line(text, message, tmp_path, capsys):
-    config = tmp_path / "bad.toml"
-    config.write_text(text)
-    assert message in one_line_exit(["train", "--config", str(config)], capsys)
-
-
-@pytest.mark.parametrize("text,message", [
-    ('{"flags": [1]}', '"flags" is list, not an object'),
-    ('{"flags": null}', '"flags" is NoneType, not an object'),
-    ('[1]', "not a TOML file or a run's config.json"),
-    ('{"rank": 4}', "not a TOML file or a run's config.json"),
-])
-def test_a_json_config_that_is_not_a_runs_is_one_line(text, message, tmp_path, capsys):
-    config = tmp_path / "config.json"
+def test_bad_values_are_one_line(name, text, message, tmp_path, capsys):
+    config = tmp_path / name
     config.write_text(text)
     assert message in one_line_exit(["train", "--config", str(config)], capsys)
 

@@ -1,6 +1,5 @@
 """Scoring a test table with a trained run: submission.csv (ID,is_correct) and P(True) per row, every row or none."""
 import contextlib
-import json
 import os
 from argparse import Namespace
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import atomic_write_all, read_json, unwritable_ancestor
+from common.files import atomic_write_all, json_writer, read_json, unwritable_ancestor
 from data import Template, get_template, read_labels, read_table, table_labels, tokenize_table
 from lora import load_adapter
 from model.default import cache_dir
@@ -210,8 +209,7 @@ def _infer(args: Namespace, world: World) -> Path:
              p_true_out: csv_writer(pd.DataFrame({"ID": df["ID"], "p_true": p_true}))}
     if labels is not None:
         metrics = binary_metrics(p_true, labels, thresholds)
-        text = json.dumps({**metrics, **decision}, indent=2, default=str) + "\n"
-        files[metrics_out] = lambda f: f.write(text.encode())
+        files[metrics_out] = json_writer({**metrics, **decision})
     atomic_write_all(files)  # the set as a whole, or the old set untouched
     if labels is None:
         metrics_out.unlink(missing_ok=True)  # an earlier scoring's metrics would not describe these predictions
